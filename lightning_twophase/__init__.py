@@ -1,0 +1,11 @@
+"""Convexity-aware two-phase training for PyTorch Lightning.
+
+Train with Adam while the loss landscape is non-convex, detect the point where it turns
+convex from how the gradient norm depends on the loss, then continue with nonlinear
+conjugate gradient on a fixed large batch.
+"""
+
+from lightning_twophase.optim.cg import ConjugateGradient
+
+__all__ = ["ConjugateGradient"]
+__version__ = "0.1.0"

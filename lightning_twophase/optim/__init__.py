@@ -1,0 +1,5 @@
+"""Closure-based optimizers for the second, convex phase of training."""
+
+from lightning_twophase.optim.cg import ConjugateGradient
+
+__all__ = ["ConjugateGradient"]
