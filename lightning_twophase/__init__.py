@@ -5,7 +5,16 @@ convex from how the gradient norm depends on the loss, then continue with nonlin
 conjugate gradient on a fixed large batch.
 """
 
+from lightning_twophase.callback import ConvexitySwitch, Phase
+from lightning_twophase.detection import IntervalStatistics, PeakRatioDetector, SwapDetector
 from lightning_twophase.optim.cg import ConjugateGradient
 
-__all__ = ["ConjugateGradient"]
+__all__ = [
+    "ConjugateGradient",
+    "ConvexitySwitch",
+    "IntervalStatistics",
+    "PeakRatioDetector",
+    "Phase",
+    "SwapDetector",
+]
 __version__ = "0.1.0"

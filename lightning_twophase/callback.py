@@ -1,0 +1,522 @@
+"""``ConvexitySwitch``: train with Adam, detect the convex region, continue with conjugate gradient."""
+
+from __future__ import annotations
+
+import enum
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_twophase import tensorboard as panels
+from lightning_twophase.checks import (
+    check_cg_dataset,
+    check_fit_start,
+    check_setup,
+    validate_arguments,
+)
+from lightning_twophase.detection import Decision, DecisionReason, IntervalStatistics, SwapDetector, make_detector
+from lightning_twophase.lightning_plumbing import build_objective, convert_model_dtype
+from lightning_twophase.statistics import IntervalAccumulator, total_grad_norm
+from lightning_twophase.swap import (
+    ADAM_FAMILY,
+    OptimizerFactory,
+    build_second_phase_optimizer,
+    dropped_settings,
+    install_optimizer,
+    route_step_to,
+)
+from lightning_twophase.tensorboard import TAG, CheckPoint
+
+__all__ = ["ConvexitySwitch", "Phase"]
+
+
+class Phase(enum.IntEnum):
+    """Training phase, as logged in ``twophase/phase``."""
+
+    ADAM = 0
+    CG = 1
+
+
+#: Default keyword arguments of the CG optimizer built at the swap.
+DEFAULT_CG_KWARGS: dict[str, Any] = {"max_iter": 5}
+
+
+class ConvexitySwitch(Callback):
+    r"""Swap the configured Adam optimizer for conjugate gradient once the landscape turns convex.
+
+    The callback watches the training loss and the total gradient norm
+    :math:`\lVert g \rVert_2` over all parameters (read in ``on_before_optimizer_step``, after
+    AMP unscaling, with multi-tensor kernels and no host synchronisation per step). At the end
+    of every check interval (an epoch by default) it reduces the interval's statistics over
+    all ranks and passes them to a detector. The default detector is the rule of Hrycej et
+    al., "A Convexity-dependent Two-Phase Training Algorithm for Deep Neural Networks"
+    (arXiv:2510.25366, 2025): once the gradient norm has peaked, swap when it falls below
+    ``ratio`` times its running maximum.
+
+    At the swap the optimizer that Lightning steps is replaced by
+    :class:`~lightning_twophase.ConjugateGradient` over the same parameters and groups, and
+    its schedulers are dropped. From then on every training step runs CG iterations on one
+    deterministic objective: the mean loss over a fixed CG batch of ``cg_batch_size`` samples
+    (the whole training set by default), accumulated over micro-batches of the user's batch
+    size. Line searches on a changing mini-batch fail, so CG never sees the mini-batch.
+
+    Cost of the CG phase: every training step evaluates the CG batch about
+    ``1.2 * max_iter + 1`` times, so one CG-phase epoch costs roughly
+    ``num_training_batches * (1.2 * max_iter + 1) * cg_batch_size`` sample gradients. The
+    ``twophase/samples`` scalar tracks the running total; size ``max_epochs`` or
+    ``max_steps`` with it.
+
+    Args:
+        ratio: Swap when the watched statistic falls below ``ratio`` times its running
+            maximum; in (0, 1).
+        detector: ``"peak_ratio"`` or a :class:`~lightning_twophase.detection.SwapDetector`
+            instance (then ``ratio``, ``patience`` and ``statistic`` are the detector's own).
+        statistic: ``"grad_norm_of_mean"`` (the norm of the gradient averaged over the
+            interval, which cancels mini-batch noise) or ``"grad_norm_batch_mean"`` (the mean
+            per-batch norm).
+        min_epochs: Warm-up: no swap before this many epochs have completed.
+        min_steps: Warm-up: no swap before this many optimizer steps.
+        patience: Extra consecutive checks below the threshold before the swap.
+        check_every_n_steps: Check every this many optimizer steps instead of every epoch.
+        monitor: Name of a logged metric to use as the loss instead of the loss that
+            ``training_step`` returns.
+        cg_batch_size: Samples in the fixed CG batch; ``None`` uses the whole training set
+            (required to be an int for an ``IterableDataset``).
+        cg_micro_batch_size: Micro-batch size of the CG objective; ``None`` uses the
+            training DataLoader's ``batch_size``.
+        cg_kwargs: Keyword arguments of :class:`~lightning_twophase.ConjugateGradient`,
+            merged over ``{"max_iter": 5}``.
+        optimizer_factory: Builds another closure-based optimizer (for example
+            ``lambda groups: torch.optim.LBFGS(groups, line_search_fn="strong_wolfe")``) from
+            the parameter groups; replaces ``cg_kwargs``.
+        cg_dtype: ``torch.float64`` converts the model and inputs to double precision for the
+            CG phase (single-device strategies only).
+        figure_every_n_checks: Refresh the norm-versus-loss image every this many checks.
+        seed: Seed of the random subset when ``cg_batch_size`` is smaller than the data.
+
+    Raises:
+        ValueError: On invalid arguments, at construction.
+
+    Example::
+
+        import lightning as L
+        from lightning.pytorch.loggers import TensorBoardLogger
+        from lightning_twophase import ConvexitySwitch
+
+        switch = ConvexitySwitch()
+        trainer = L.Trainer(max_epochs=60, callbacks=[switch], logger=TensorBoardLogger("logs"))
+        trainer.fit(model, datamodule)
+        print(switch.switched, switch.switch_epoch, type(trainer.optimizers[0]).__name__)
+    """
+
+    def __init__(
+        self,
+        ratio: float = 0.9,
+        detector: str | SwapDetector = "peak_ratio",
+        statistic: str = "grad_norm_of_mean",
+        min_epochs: int = 1,
+        min_steps: int = 0,
+        patience: int = 0,
+        check_every_n_steps: int | None = None,
+        monitor: str | None = None,
+        cg_batch_size: int | None = None,
+        cg_micro_batch_size: int | None = None,
+        cg_kwargs: dict[str, Any] | None = None,
+        optimizer_factory: OptimizerFactory | None = None,
+        cg_dtype: torch.dtype | None = None,
+        figure_every_n_checks: int = 5,
+        seed: int = 0,
+    ) -> None:
+        validate_arguments(
+            ratio=ratio,
+            min_epochs=min_epochs,
+            min_steps=min_steps,
+            check_every_n_steps=check_every_n_steps,
+            cg_batch_size=cg_batch_size,
+            cg_micro_batch_size=cg_micro_batch_size,
+            cg_dtype=cg_dtype,
+            figure_every_n_checks=figure_every_n_checks,
+        )
+        self.detector = make_detector(detector, ratio=ratio, patience=patience, statistic=statistic)
+        self.min_epochs = min_epochs
+        self.min_steps = min_steps
+        self.check_every_n_steps = check_every_n_steps
+        self.monitor = monitor
+        self.cg_batch_size = cg_batch_size
+        self.cg_micro_batch_size = cg_micro_batch_size
+        self.cg_kwargs = {**DEFAULT_CG_KWARGS, **(cg_kwargs or {})}
+        self.optimizer_factory = optimizer_factory
+        self.cg_dtype = cg_dtype
+        self.figure_every_n_checks = figure_every_n_checks
+        self.seed = seed
+
+        self.phase = Phase.ADAM
+        self.switch_epoch: int | None = None
+        self.switch_step: int | None = None
+        self.switch_reason: str | None = None
+        self.sample_gradients = 0
+        self.history: list[CheckPoint] = []
+        self.last_decision: Decision | None = None
+
+        self._accumulator: IntervalAccumulator | None = None
+        self._pending_accumulator_state: dict[str, Any] | None = None
+        self._objective = None
+        self._layout_written = False
+
+    # ------------------------------------------------------------------ public state
+
+    @property
+    def switched(self) -> bool:
+        """Whether the swap to the second phase has happened."""
+        return self.phase == Phase.CG
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(statistic=self.detector.statistic)
+
+    # ------------------------------------------------------------------ setup
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_setup(trainer, pl_module, cg_dtype=self.cg_dtype)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_fit_start(trainer, adam_family=ADAM_FAMILY, expect_first_phase=self.phase == Phase.ADAM)
+        self._accumulator = IntervalAccumulator(trainer.strategy.root_device)
+        if self._pending_accumulator_state is not None:
+            self._accumulator.load_state_dict(self._pending_accumulator_state, self._parameters(trainer))
+            self._pending_accumulator_state = None
+
+        if self.phase == Phase.CG:
+            # Resuming in the CG phase: rebuild CG now, because Lightning loads the saved
+            # optimizer state after on_fit_start into whatever `strategy.optimizers` holds.
+            self._install_second_phase(trainer, pl_module, announce=False)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_cg_dataset(trainer, self.cg_batch_size)
+        self._write_layout(trainer)
+        if self.phase == Phase.CG and self._objective is None:
+            self._build_objective(trainer)
+
+    # ------------------------------------------------------------------ Adam phase
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.phase == Phase.ADAM and self._accumulator is not None:
+            self._accumulator.update_gradients(self._parameters(trainer))
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._show_phase(trainer)
+        self.sample_gradients += extract_batch_size(batch) * trainer.world_size
+        if self.phase == Phase.CG:
+            self._log_cg_step(trainer)
+            return
+
+        loss = self._batch_loss(trainer, outputs)
+        if loss is not None and self._accumulator is not None:
+            self._accumulator.update_loss(loss)
+
+        n = self.check_every_n_steps
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if n is not None and stepped and trainer.global_step > 0 and trainer.global_step % n == 0:
+            self._check(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.phase == Phase.ADAM and self.check_every_n_steps is None:
+            self._check(trainer, pl_module)
+        elif self.phase == Phase.CG:
+            self._record_cg_point(trainer)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_figure(trainer)
+        self._flush(trainer)
+
+    # ------------------------------------------------------------------ checkpointing
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        accumulator = self._accumulator.state_dict() if self._accumulator is not None else {"batches": 0}
+        return {
+            "phase": int(self.phase),
+            "switch_epoch": self.switch_epoch,
+            "switch_step": self.switch_step,
+            "switch_reason": self.switch_reason,
+            "sample_gradients": self.sample_gradients,
+            "detector": self.detector.state_dict(),
+            "history": [vars(point) for point in self.history],
+            "accumulator": accumulator,
+            "cg_dtype": str(self.cg_dtype) if self.cg_dtype is not None else None,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.phase = Phase(state_dict.get("phase", 0))
+        self.switch_epoch = state_dict.get("switch_epoch")
+        self.switch_step = state_dict.get("switch_step")
+        self.switch_reason = state_dict.get("switch_reason")
+        self.sample_gradients = state_dict.get("sample_gradients", 0)
+        self.detector.load_state_dict(state_dict.get("detector", {}))
+        self.history = [CheckPoint(**point) for point in state_dict.get("history", [])]
+        self._pending_accumulator_state = state_dict.get("accumulator")
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning has already copied the saved weights into the module in its own dtype. A
+        # checkpoint written in a float64 CG phase must be reloaded after converting the module,
+        # or resuming would round the weights to float32.
+        states = checkpoint.get("callbacks", {})
+        own = states.get(self.state_key, {})
+        if own.get("phase") == int(Phase.CG) and self.cg_dtype is not None:
+            convert_model_dtype(trainer, pl_module, self.cg_dtype)
+            pl_module.load_state_dict(checkpoint["state_dict"], strict=pl_module.strict_loading)
+
+    # ------------------------------------------------------------------ the decision
+
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        accumulator = self._accumulator
+        if accumulator is None or accumulator.empty:
+            return
+        stats = accumulator.compute(trainer.current_epoch, trainer.global_step)
+        accumulator.reset()
+
+        decision = self._decide(trainer, stats)
+        self.last_decision = decision
+        if decision.reason == DecisionReason.NON_FINITE:
+            rank_zero_warn(f"ConvexitySwitch: {decision.message} The detector ignored this check.")
+        else:
+            self.history.append(self._point(stats, Phase.ADAM))
+
+        self._log_check(trainer, stats)
+        if decision.swap:
+            self._swap(trainer, pl_module, decision)
+        elif len(self.history) % self.figure_every_n_checks == 0:
+            self._write_figure(trainer)
+
+    def _decide(self, trainer: pl.Trainer, stats: IntervalStatistics) -> Decision:
+        decision = self.detector.update(stats)
+        warm = trainer.current_epoch + 1 >= self.min_epochs and trainer.global_step >= self.min_steps
+        if decision.swap and not warm:
+            return Decision(
+                False,
+                DecisionReason.WARMUP,
+                f"Warm-up until epoch {self.min_epochs} and step {self.min_steps}: {decision.message}",
+            )
+        return decision
+
+    def _point(self, stats: IntervalStatistics, phase: Phase) -> CheckPoint:
+        return CheckPoint(
+            step=stats.step,
+            epoch=stats.epoch,
+            loss=stats.loss,
+            grad_norm=stats.value(self.detector.statistic),
+            phase=int(phase),
+        )
+
+    # ------------------------------------------------------------------ the swap
+
+    def _swap(self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: Decision) -> None:
+        self.switch_epoch = trainer.current_epoch
+        self.switch_step = trainer.global_step
+        self.switch_reason = decision.message
+        self.phase = Phase.CG
+        self._warn_dropped(trainer)
+        self._install_second_phase(trainer, pl_module, announce=True)
+        self._build_objective(trainer)
+        if self._accumulator is not None:
+            self._accumulator.release()
+        self._write_switch_text(trainer)
+        self._write_figure(trainer)
+        self._flush(trainer)
+
+    def _install_second_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule, announce: bool) -> None:
+        if self.cg_dtype is not None:
+            convert_model_dtype(trainer, pl_module, self.cg_dtype)
+
+        first = trainer.optimizers[0]
+        second = build_second_phase_optimizer(first, self.optimizer_factory, self.cg_kwargs)
+        install_optimizer(trainer, second)
+        route_step_to(second, self._evaluate_objective)
+        self._objective = None
+        if trainer.accumulate_grad_batches != 1:
+            trainer.accumulate_grad_batches = 1
+
+        if announce:
+            rank_zero_info(
+                f"ConvexitySwitch: swapped {type(first).__name__} for {type(second).__name__} at epoch"
+                f" {self.switch_epoch}, step {self.switch_step}. {self.switch_reason}"
+            )
+
+    def _evaluate_objective(self) -> Tensor:
+        if self._objective is None:
+            raise RuntimeError("ConvexitySwitch: the CG objective was evaluated before the training data was ready.")
+        return self._objective()
+
+    def _build_objective(self, trainer: pl.Trainer) -> None:
+        world = trainer.world_size
+
+        def count(local_samples: int) -> None:
+            self.sample_gradients += local_samples * world
+
+        self._objective = build_objective(
+            trainer,
+            cg_batch_size=self.cg_batch_size,
+            micro_batch_size=self.cg_micro_batch_size,
+            seed=self.seed,
+            count_samples=count,
+        )
+
+    def _warn_dropped(self, trainer: pl.Trainer) -> None:
+        first = trainer.optimizers[0]
+        for setting in dropped_settings(first):
+            rank_zero_warn(
+                f"ConvexitySwitch: the CG phase minimises the training loss without {setting};"
+                " add the penalty to the loss in training_step if it must stay."
+            )
+        if trainer.gradient_clip_val:
+            rank_zero_warn(
+                f"ConvexitySwitch: gradient_clip_val={trainer.gradient_clip_val} is not applied in the CG phase,"
+                " because clipping changes the gradient but not the loss and breaks the line search."
+            )
+        if trainer.accumulate_grad_batches != 1:
+            rank_zero_warn(
+                f"ConvexitySwitch: accumulate_grad_batches={trainer.accumulate_grad_batches} is set to 1 for the"
+                " CG phase, because every CG step accumulates the whole CG batch itself."
+            )
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _parameters(trainer: pl.Trainer) -> list[Tensor]:
+        return [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
+
+    def _batch_loss(self, trainer: pl.Trainer, outputs: Any) -> Tensor | None:
+        if self.monitor is not None:
+            value = trainer.callback_metrics.get(self.monitor)
+            if value is None:
+                available = ", ".join(sorted(trainer.callback_metrics)) or "none"
+                raise ValueError(
+                    f"Invalid monitor: {self.monitor!r} was not logged by training_step. Available metrics:"
+                    f" {available}. Log it with self.log({self.monitor!r}, ...) or pass monitor=None."
+                )
+            return value
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, Tensor):
+            return None
+        return loss * trainer.accumulate_grad_batches
+
+    def _record_cg_point(self, trainer: pl.Trainer) -> None:
+        stats = getattr(trainer.optimizers[0], "last_stats", None)
+        if stats is None:
+            return
+        grads = [p.grad for p in self._parameters(trainer) if p.grad is not None]
+        if not grads:
+            return
+        norm = float(total_grad_norm(grads))
+        self.history.append(CheckPoint(trainer.global_step, trainer.current_epoch, float(stats.loss), norm, int(Phase.CG)))
+        if len(self.history) % self.figure_every_n_checks == 0:
+            self._write_figure(trainer)
+
+    # ------------------------------------------------------------------ logging
+
+    def _log_metrics(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _log_check(self, trainer: pl.Trainer, stats: IntervalStatistics) -> None:
+        metrics = {
+            TAG.LOSS: stats.loss,
+            TAG.GRAD_NORM: stats.value(self.detector.statistic),
+            TAG.GRAD_NORM_BATCH_MEAN: stats.grad_norm_batch_mean,
+            TAG.GRAD_NORM_OF_MEAN: stats.grad_norm_of_mean,
+            TAG.PHASE: float(Phase.ADAM),
+            TAG.SAMPLES: float(self.sample_gradients),
+        }
+        if self.detector.running_max is not None:
+            metrics[TAG.GRAD_NORM_MAX] = self.detector.running_max
+        if self.detector.threshold is not None:
+            metrics[TAG.THRESHOLD] = self.detector.threshold
+        self._log_metrics(trainer, metrics)
+
+    def _log_cg_step(self, trainer: pl.Trainer) -> None:
+        optimizer = trainer.optimizers[0]
+        stats = getattr(optimizer, "last_stats", None)
+        metrics = {TAG.PHASE: float(Phase.CG), TAG.SAMPLES: float(self.sample_gradients)}
+        if stats is not None:
+            metrics.update({
+                TAG.LOSS: float(stats.loss),
+                TAG.CG_STEP_SIZE: float(stats.step_size),
+                TAG.CG_EVALUATIONS: float(stats.evaluations),
+                TAG.CG_BETA: float(stats.beta),
+                TAG.CG_CURVATURE: float(stats.curvature),
+                TAG.CG_RESTARTED: float(stats.restarted),
+            })
+        self._log_metrics(trainer, metrics)
+
+    def _tensorboard(self, trainer: pl.Trainer):
+        if not trainer.is_global_zero:
+            return None
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return logger.experiment
+        return None
+
+    def _write_layout(self, trainer: pl.Trainer) -> None:
+        writer = self._tensorboard(trainer)
+        if writer is not None and not self._layout_written:
+            writer.add_custom_scalars(panels.custom_scalars_layout())
+            self._layout_written = True
+
+    def _write_figure(self, trainer: pl.Trainer) -> None:
+        writer = self._tensorboard(trainer)
+        if writer is None or not self.history:
+            return
+        switch = next((p for p in self.history if p.phase == int(Phase.CG)), None)
+        switch_point = self._switch_point()
+        figure = panels.render_norm_vs_loss(self.history, switch_point or switch, self.detector.threshold)
+        writer.add_figure(TAG.FIGURE, figure, global_step=trainer.global_step, close=True)
+
+    def _switch_point(self) -> CheckPoint | None:
+        if self.switch_step is None:
+            return None
+        adam = [p for p in self.history if p.phase == int(Phase.ADAM) and p.step <= self.switch_step]
+        return adam[-1] if adam else None
+
+    def _write_switch_text(self, trainer: pl.Trainer) -> None:
+        writer = self._tensorboard(trainer)
+        point = self._switch_point()
+        if writer is None or point is None:
+            return
+        text = panels.switch_text(point, self.detector.running_max, self.switch_reason or "", self.detector.statistic)
+        writer.add_text(TAG.SWITCH, text, global_step=trainer.global_step)
+
+    def _flush(self, trainer: pl.Trainer) -> None:
+        writer = self._tensorboard(trainer)
+        if writer is not None:
+            writer.flush()
+
+    def _show_phase(self, trainer: pl.Trainer) -> None:
+        bar = trainer.progress_bar_callback
+        if isinstance(bar, TQDMProgressBar) and trainer.is_global_zero and bar.is_enabled:
+            label = "Adam" if self.phase == Phase.ADAM else "CG"
+            bar.train_progress_bar.set_description(f"Epoch {trainer.current_epoch} [{label}]")

@@ -1,0 +1,137 @@
+"""On-device accumulation of the loss and gradient-norm statistics of one check interval.
+
+Every optimizer step adds to device tensors only; nothing is read to the host until
+:meth:`IntervalAccumulator.compute`, which runs once per check interval. Loss and norm means
+are ``torchmetrics`` aggregators, so ``compute`` reduces them over all DDP ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics.aggregation import MeanMetric
+
+from lightning_twophase.detection import IntervalStatistics
+
+__all__ = ["IntervalAccumulator", "total_grad_norm"]
+
+
+def total_grad_norm(grads: Sequence[Tensor]) -> Tensor:
+    r"""Return :math:`\lVert g \rVert_2` over all tensors in ``grads`` as a device scalar.
+
+    Uses one multi-tensor norm kernel and a stack, with no host synchronisation.
+    """
+    norms = torch._foreach_norm(list(grads))
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+class IntervalAccumulator:
+    """Accumulates loss, per-batch gradient norm and the summed gradient of one interval.
+
+    Memory: one buffer the size of the parameters (the summed gradient), plus two scalars
+    per aggregator.
+
+    Args:
+        device: Device of the aggregators; use the strategy's root device.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.loss = MeanMetric(nan_strategy="disable").to(device)
+        self.grad_norm = MeanMetric(nan_strategy="disable").to(device)
+        self._grad_sum: list[Tensor] | None = None
+        self._indices: list[int] | None = None
+        self.batches = 0
+
+    def update_gradients(self, params: Iterable[Tensor]) -> None:
+        """Add the current ``.grad`` of ``params`` to the interval (call once per optimizer step)."""
+        indices = [i for i, p in enumerate(params) if p.grad is not None]
+        if not indices:
+            return
+        params = list(params)
+        grads = [params[i].grad.detach() for i in indices]
+
+        self.grad_norm.update(total_grad_norm(grads))
+
+        if self._grad_sum is None or self._indices != indices:
+            self._start_grad_sum(indices, grads)
+        else:
+            torch._foreach_add_(self._grad_sum, grads)
+        self.batches += 1
+
+    def _start_grad_sum(self, indices: list[int], grads: list[Tensor]) -> None:
+        # A changed set of parameters with gradients restarts the sum, so that every buffer
+        # covers the same steps; the step count restarts with it.
+        self.batches = 0
+        self._indices = indices
+        self._grad_sum = [g.clone() for g in grads]
+
+    def update_loss(self, loss: Tensor) -> None:
+        """Add one batch's training loss (a device scalar) to the interval."""
+        self.loss.update(loss.detach().float())
+
+    @property
+    def empty(self) -> bool:
+        """Whether no optimizer step has been recorded since the last reset."""
+        return self.batches == 0
+
+    def compute(self, epoch: int, step: int) -> IntervalStatistics:
+        """Reduce the interval over ranks and read it to the host (one synchronisation)."""
+        loss = self.loss.compute()
+        batch_norm = self.grad_norm.compute()
+        mean_norm = total_grad_norm(self._grad_sum) / max(self.batches, 1)
+        values = torch.stack([loss.float(), batch_norm.float(), mean_norm.float().to(loss.device)]).tolist()
+        return IntervalStatistics(
+            epoch=epoch,
+            step=step,
+            loss=values[0],
+            grad_norm_batch_mean=values[1],
+            grad_norm_of_mean=values[2],
+            batches=self.batches,
+        )
+
+    def reset(self) -> None:
+        """Start a new interval; the summed-gradient buffers are kept and zeroed."""
+        self.loss.reset()
+        self.grad_norm.reset()
+        if self._grad_sum is not None:
+            torch._foreach_zero_(self._grad_sum)
+        self.batches = 0
+
+    def release(self) -> None:
+        """Free the summed-gradient buffers (after the swap they are not needed)."""
+        self.reset()
+        self._grad_sum = None
+        self._indices = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the partial interval so that a mid-interval checkpoint resumes exactly."""
+        state: dict[str, Any] = {"batches": self.batches}
+        if self.batches > 0 and self._grad_sum is not None:
+            state["loss_sums"] = (self.loss.mean_value.clone(), self.loss.weight.clone())
+            state["norm_sums"] = (self.grad_norm.mean_value.clone(), self.grad_norm.weight.clone())
+            state["indices"] = list(self._indices or [])
+            state["grad_sum"] = [t.clone() for t in self._grad_sum]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], params: Sequence[Tensor]) -> None:
+        """Restore a partial interval written by :meth:`state_dict` onto ``params``' devices.
+
+        ``params`` must be the same ordered parameter list later passed to
+        :meth:`update_gradients`.
+        """
+        self.release()
+        if state.get("batches", 0) == 0 or "grad_sum" not in state:
+            return
+
+        for metric, (weighted_sum, weight) in ((self.loss, state["loss_sums"]), (self.grad_norm, state["norm_sums"])):
+            device = metric.mean_value.device
+            weighted_sum, weight = weighted_sum.to(device), weight.to(device)
+            metric.update(weighted_sum / weight, weight=weight)
+
+        params = list(params)
+        self._indices = list(state["indices"])
+        self._grad_sum = [t.to(params[i].device) for t, i in zip(state["grad_sum"], self._indices)]
+        self.batches = state["batches"]

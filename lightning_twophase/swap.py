@@ -1,0 +1,103 @@
+"""Building the second-phase optimizer and installing it into a running Lightning strategy."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from lightning_twophase.optim.cg import ConjugateGradient
+
+__all__ = [
+    "ADAM_FAMILY",
+    "OptimizerFactory",
+    "build_second_phase_optimizer",
+    "dropped_settings",
+    "install_optimizer",
+    "route_step_to",
+]
+
+#: First-phase optimizers the detector was designed for; others get a warning.
+ADAM_FAMILY: tuple[type[Optimizer], ...] = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adamax,
+)
+
+#: Builds a closure-based optimizer from a list of parameter-group dicts.
+OptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
+
+
+def build_second_phase_optimizer(
+    first: Optimizer,
+    factory: OptimizerFactory | None = None,
+    cg_kwargs: dict[str, Any] | None = None,
+) -> Optimizer:
+    """Build the second-phase optimizer over the same parameters and groups as ``first``.
+
+    Only the parameter lists are carried over: the first phase's learning rates, betas and
+    weight decay do not apply to a line-search method.
+    """
+    groups = [{"params": list(group["params"])} for group in first.param_groups]
+    if factory is not None:
+        return factory(groups)
+    return ConjugateGradient(groups, **(cg_kwargs or {}))
+
+
+def dropped_settings(first: Optimizer) -> list[str]:
+    """Return human-readable first-phase settings that the second phase does not apply."""
+    dropped = []
+    for index, group in enumerate(first.param_groups):
+        decay = group.get("weight_decay", 0.0)
+        if decay:
+            dropped.append(f"weight_decay={decay} (parameter group {index})")
+    return dropped
+
+
+def install_optimizer(trainer: Any, optimizer: Optimizer) -> None:
+    """Make ``optimizer`` the one Lightning steps, and drop the schedulers of the old one.
+
+    Lightning steps the ``LightningOptimizer`` wrappers that the ``strategy.optimizers``
+    setter rebuilds, so assigning to the module is not enough. The check below reads
+    ``strategy._lightning_optimizers``, a private list (checked against Lightning 2.6), to
+    fail loudly if a future release routes steps elsewhere.
+
+    Raises:
+        RuntimeError: When Lightning would still step the old optimizer.
+    """
+    strategy = trainer.strategy
+    strategy.optimizers = [optimizer]
+    strategy.lr_scheduler_configs = []
+
+    wrapped = getattr(strategy, "_lightning_optimizers", None)
+    stepped = wrapped[0].optimizer if wrapped else None
+    if trainer.optimizers[0] is not optimizer or (wrapped is not None and stepped is not optimizer):
+        raise RuntimeError(
+            "Failed to install the second-phase optimizer: Lightning still steps"
+            f" {type(stepped).__name__}. This Lightning version is not supported by ConvexitySwitch."
+        )
+
+
+def route_step_to(optimizer: Optimizer, objective: Callable[[], torch.Tensor]) -> None:
+    """Make ``optimizer.step(closure)`` minimise ``objective`` instead of the closure's batch.
+
+    Lightning's automatic optimisation passes a closure that runs ``training_step`` on the
+    current mini-batch and expects it to be called. The routed step calls it once (the loop
+    reads its output for the progress bar and ``on_train_batch_end``), then takes the
+    optimizer's step on ``objective``. The bound ``step`` of this one instance is replaced;
+    the class is untouched.
+    """
+    original_step = optimizer.step
+
+    @functools.wraps(original_step)
+    def step(closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        if closure is not None:
+            closure()
+        return original_step(objective, **kwargs)
+
+    optimizer.step = step  # type: ignore[method-assign]
