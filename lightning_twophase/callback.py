@@ -434,6 +434,7 @@ class ConvexitySwitch(Callback):
             return
         norm = float(total_grad_norm(grads))
         self.history.append(CheckPoint(trainer.global_step, trainer.current_epoch, float(stats.loss), norm, int(Phase.CG)))
+        self._log_metrics(trainer, {TAG.GRAD_NORM: norm})
         if len(self.history) % self.figure_every_n_checks == 0:
             self._write_figure(trainer)
 
@@ -519,4 +520,5 @@ class ConvexitySwitch(Callback):
         bar = trainer.progress_bar_callback
         if isinstance(bar, TQDMProgressBar) and trainer.is_global_zero and bar.is_enabled:
             label = "Adam" if self.phase == Phase.ADAM else "CG"
-            bar.train_progress_bar.set_description(f"Epoch {trainer.current_epoch} [{label}]")
+            # refresh=False leaves redrawing to the bar's own refresh_rate, which the next update honours.
+            bar.train_progress_bar.set_description(f"Epoch {trainer.current_epoch} [{label}]", refresh=False)

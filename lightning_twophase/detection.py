@@ -20,6 +20,7 @@ __all__ = [
     "IntervalStatistics",
     "PeakRatioDetector",
     "SwapDetector",
+    "FixedEpochDetector",
     "DETECTORS",
     "STATISTICS",
     "make_detector",
@@ -237,8 +238,68 @@ class PeakRatioDetector(SwapDetector):
         self._state = _PeakRatioState(**state)
 
 
-#: Detectors selectable by name in ``ConvexitySwitch(detector=...)``.
-DETECTORS: dict[str, type[SwapDetector]] = {"peak_ratio": PeakRatioDetector}
+class FixedEpochDetector(SwapDetector):
+    """Swap at the end of a given epoch, whatever the gradient norm does (an ablation baseline).
+
+    The detector requests the swap at the first check whose interval ended in epoch
+    ``epoch`` or later, counting epochs from 0 as Lightning does, so
+    ``ConvexitySwitch.switch_epoch`` equals ``epoch`` when checks run once per epoch. It
+    still tracks the running maximum of the watched statistic, so the norm-versus-loss
+    panels stay comparable with :class:`PeakRatioDetector`.
+
+    Args:
+        epoch: Epoch (0-based) at whose end the swap happens; ``>= 0``.
+        ratio: Accepted for the shared ``make_detector`` arguments and not used.
+        patience: Accepted for the shared ``make_detector`` arguments and not used.
+        statistic: One of :data:`STATISTICS`.
+
+    Raises:
+        ValueError: On a negative or non-integer ``epoch`` or an unknown statistic.
+    """
+
+    def __init__(
+        self,
+        epoch: int = 10,
+        ratio: float = 0.9,
+        patience: int = 0,
+        statistic: str = "grad_norm_of_mean",
+    ) -> None:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"Invalid epoch: {epoch!r}. Use an int >= 0, the epoch at whose end to swap.")
+        if statistic not in STATISTICS:
+            raise ValueError(f"Invalid statistic: {statistic!r}. Expected one of {', '.join(STATISTICS)}.")
+
+        self.epoch = epoch
+        self.statistic = statistic
+        self._running_max: float | None = None
+
+    @property
+    def running_max(self) -> float | None:
+        return self._running_max
+
+    def update(self, stats: IntervalStatistics) -> Decision:
+        if not stats.is_finite():
+            return Decision(False, DecisionReason.NON_FINITE, f"Skipped non-finite statistics at step {stats.step}.")
+
+        value = stats.value(self.statistic)
+        if self._running_max is None or value > self._running_max:
+            self._running_max = value
+
+        if stats.epoch < self.epoch:
+            return Decision(False, DecisionReason.WARMUP, f"Epoch {stats.epoch} is before the fixed swap epoch {self.epoch}.")
+        return Decision(True, DecisionReason.SWAP, f"Reached the fixed swap epoch {self.epoch}.")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"running_max": self._running_max}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._running_max = state.get("running_max")
+
+
+#: Detectors selectable by name in ``ConvexitySwitch(detector=...)``. A named
+#: ``"fixed_epoch"`` detector swaps at its default epoch; pass a ``FixedEpochDetector(epoch=...)``
+#: instance to choose another.
+DETECTORS: dict[str, type[SwapDetector]] = {"peak_ratio": PeakRatioDetector, "fixed_epoch": FixedEpochDetector}
 
 
 def make_detector(

@@ -127,9 +127,12 @@ class IntervalAccumulator:
             return
 
         for metric, (weighted_sum, weight) in ((self.loss, state["loss_sums"]), (self.grad_norm, state["norm_sums"])):
-            device = metric.mean_value.device
-            weighted_sum, weight = weighted_sum.to(device), weight.to(device)
-            metric.update(weighted_sum / weight, weight=weight)
+            # With nan_strategy="disable", MeanMetric.update replaces any weight by 1 (torchmetrics 1.9),
+            # so a weighted update cannot restore the sums. One update marks the metric as updated,
+            # then the sums are copied into its states.
+            metric.update(torch.zeros((), device=metric.mean_value.device))
+            metric.mean_value.copy_(weighted_sum)
+            metric.weight.copy_(weight)
 
         params = list(params)
         self._indices = list(state["indices"])

@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "LAYOUT_TITLE",
     "TAG",
     "custom_scalars_layout",
+    "draw_norm_vs_loss",
     "render_norm_vs_loss",
     "switch_text",
 ]
@@ -101,6 +103,23 @@ def render_norm_vs_loss(
     training: the norm rises while the landscape is non-convex, peaks, then falls.
     """
     figure, axes = plt.subplots(figsize=(6.0, 4.5), dpi=100)
+    draw_norm_vs_loss(axes, points, switch, threshold, switch_backs)
+    figure.tight_layout()
+    return figure
+
+
+def draw_norm_vs_loss(
+    axes: Axes,
+    points: Sequence[CheckPoint],
+    switch: CheckPoint | None = None,
+    threshold: float | None = None,
+    switch_backs: Sequence[CheckPoint] = (),
+) -> None:
+    """Draw the curve of :func:`render_norm_vs_loss` into existing axes.
+
+    Points with a non-positive loss or gradient norm are left out, because both axes are
+    logarithmic.
+    """
     for phase, colour, label in ((0, "tab:blue", "Adam"), (1, "tab:orange", "CG")):
         chosen = [p for p in points if p.phase == phase and p.loss > 0 and p.grad_norm > 0]
         if chosen:
@@ -121,8 +140,6 @@ def render_norm_vs_loss(
     axes.set_title("Gradient norm versus loss")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(loc="best", fontsize=8)
-    figure.tight_layout()
-    return figure
 
 
 def switch_text(point: CheckPoint, running_max: float | None, reason: str, statistic: str) -> str:

@@ -34,8 +34,8 @@ Model = Callable[[float], tuple[float, float]]
 # zoom step shrinks the bracket by at least that fraction even when the cubic model is poor.
 _INTERPOLATION_MARGIN = 0.1
 
-# Extrapolation in the bracketing phase grows the step by a factor in [2, 10] of the last increment.
-_MIN_EXPANSION = 1.0
+# Extrapolation in the bracketing phase adds between 0.01 and 10 times the last increment to the step.
+_MIN_EXPANSION = 0.01
 _MAX_EXPANSION = 10.0
 
 
@@ -262,6 +262,10 @@ def _bracket(trials: _Trials, initial_step: float, c1: float, c2: float, step_to
         if current.derivative >= 0.0:
             return _zoom(trials, current, previous, c1, c2, step_tolerance)
 
+        # Beyond a non-finite trial no longer step can be tested, so sufficient decrease must do.
+        if math.isfinite(non_finite_step):
+            return trials.success(current, "sufficient decrease below a step with a non-finite value")
+
         step = _extrapolation_step(previous, current, non_finite_step)
         previous = current
 
@@ -285,7 +289,8 @@ def strong_wolfe(
 
     The search grows the step until it brackets an acceptable interval, then shrinks the bracket
     with safeguarded cubic interpolation, falling back to bisection whenever the cubic has no
-    minimizer well inside the bracket.
+    minimizer well inside the bracket. After a non-finite trial, a smaller step with sufficient
+    decrease and a negative slope is accepted without the curvature condition.
 
     Args:
         model: the 1-D function ``step -> (value, derivative)``.
@@ -438,6 +443,11 @@ def hager_zhang(
     differences of function values drown in rounding. The search brackets a point with a
     non-negative slope, then shrinks the bracket with two secant steps per round, bisecting when a
     round shrinks the bracket by less than the factor ``gamma``.
+
+    NOTE: CG_DESCENT switches to the approximate conditions only once the function values stall and
+    chooses its first trial by a quadratic fit; this search always accepts approximate Wolfe
+    points and takes ``initial_step`` as given. In ``benchmarks/cg_vs_scipy.py`` it needs 2 to 4
+    times more evaluations than ``strong_wolfe``.
 
     Args:
         model: the 1-D function ``step -> (value, derivative)``.

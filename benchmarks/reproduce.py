@@ -1,0 +1,292 @@
+"""Reproduction benchmark: mini-batch Adam against Adam followed by conjugate gradient.
+
+Every method gets the same budget of sample-gradient evaluations (samples passed forward and
+backward, line-search evaluations included), expressed in epochs of the training set:
+
+* ``adam``: the user's Adam on mini-batches for the whole budget (the baseline);
+* ``adam_cg``: ``ConvexitySwitch()`` with the default detector (swap when the gradient norm
+  falls below 0.9 times its running maximum), then CG on the whole training set;
+* ``adam_lbfgs``: the same detector and CG batch, with ``torch.optim.LBFGS`` (strong Wolfe)
+  after the swap;
+* ``adam_cg_fixed``: CG after a swap at a fixed epoch (``--fixed-fraction`` of the budget);
+* ``adam_cg_iter1``: as ``adam_cg`` with one CG iteration per Lightning step instead of
+  ``--cg-max-iter``.
+
+At regular points of the budget the full training-set loss is evaluated without gradients
+(not counted in the budget, and not in the wall time). Results go to ``<out>/reproduce.json``,
+a Markdown table to ``<out>/reproduce.md`` and plots to ``<out>/*.png``.
+
+Usage::
+
+    python benchmarks/reproduce.py --jobs 2             # full run (about 30 minutes on 2 cores)
+    python benchmarks/reproduce.py --quick --out /tmp/q  # smoke run, well under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from lightning.pytorch.utilities.data import extract_batch_size  # noqa: E402
+
+from lightning_twophase import ConvexitySwitch  # noqa: E402
+from lightning_twophase.detection import FixedEpochDetector  # noqa: E402
+from tasks import DATASETS, MODELS, Task, build_model, load_task  # noqa: E402
+
+METHODS = ("adam", "adam_cg", "adam_lbfgs", "adam_cg_fixed", "adam_cg_iter1")
+DEFAULT_METHODS = ("adam", "adam_cg", "adam_lbfgs", "adam_cg_fixed")
+
+
+@dataclass
+class RunSpec:
+    """One training run."""
+
+    dataset: str
+    model: str
+    method: str
+    seed: int
+    budget_epochs: float
+    points: int
+    cg_max_iter: int
+    fixed_epoch: int
+
+
+@dataclass
+class RunResult:
+    """Curves and summary of one run; ``points`` rows are ``[samples, wall_s, train_loss]``."""
+
+    spec: RunSpec
+    train_size: int
+    budget: int
+    points: list[list[float]] = field(default_factory=list)
+    val_accuracy: float = float("nan")
+    switch_epoch: int | None = None
+    switch_samples: int | None = None
+    history: list[list[float]] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+class BudgetMonitor(Callback):
+    """Counts sample-gradient evaluations, records the full training loss, stops at the budget.
+
+    With a ``ConvexitySwitch`` the count is its ``sample_gradients`` (line-search evaluations
+    on the CG batch included); without one, the monitor adds the batch size of every training
+    step. A CG-phase step costs several passes over the CG batch, so the last step may overrun
+    the budget; the summary reads losses at or below the budget only.
+
+    Args:
+        budget: Sample-gradient evaluations after which training stops.
+        interval: Evaluations between two recorded points.
+        task: The data, for the full training loss.
+        switch: The run's ``ConvexitySwitch``, listed before this callback, or ``None``.
+    """
+
+    def __init__(self, budget: int, interval: int, task: Task, switch: ConvexitySwitch | None) -> None:
+        self.budget = budget
+        self.interval = interval
+        self.task = task
+        self.switch = switch
+        self.samples = 0
+        self.next_point = 0
+        self.points: list[list[float]] = []
+        self.switch_samples: int | None = None
+        self._start = 0.0
+        self._paused = 0.0
+
+    def _count(self) -> int:
+        return self.switch.sample_gradients if self.switch is not None else self.samples
+
+    def _record(self, pl_module: L.LightningModule) -> None:
+        begin = time.perf_counter()
+        loss, _ = pl_module.evaluate(self.task.train)
+        self.points.append([float(self._count()), begin - self._start - self._paused, loss])
+        self._paused += time.perf_counter() - begin
+        while self.next_point <= self._count():
+            self.next_point += self.interval
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+        self._record(pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.samples += extract_batch_size(batch)
+        if self.switch is not None and self.switch.switched and self.switch_samples is None:
+            self.switch_samples = self._count()
+
+        count = self._count()
+        if count >= self.next_point or count >= self.budget:
+            self._record(pl_module)
+        if count >= self.budget:
+            trainer.should_stop = True
+
+
+def _second_phase(spec: RunSpec) -> ConvexitySwitch | None:
+    if spec.method == "adam":
+        return None
+    if spec.method == "adam_cg":
+        return ConvexitySwitch(cg_kwargs={"max_iter": spec.cg_max_iter})
+    if spec.method == "adam_cg_iter1":
+        return ConvexitySwitch(cg_kwargs={"max_iter": 1})
+    if spec.method == "adam_cg_fixed":
+        return ConvexitySwitch(detector=FixedEpochDetector(epoch=spec.fixed_epoch), cg_kwargs={"max_iter": spec.cg_max_iter})
+    if spec.method == "adam_lbfgs":
+        max_iter = spec.cg_max_iter
+
+        def lbfgs(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+            return torch.optim.LBFGS(groups, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+        return ConvexitySwitch(optimizer_factory=lbfgs)
+    raise ValueError(f"Invalid method: {spec.method!r}. Expected one of {', '.join(METHODS)}.")
+
+
+def _quiet() -> None:
+    torch.set_num_threads(1)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning_twophase").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*enable_nested_tensor.*")
+
+
+def run(spec: RunSpec) -> RunResult:
+    """Train one model with one method and seed until its budget is spent."""
+    _quiet()
+    task = load_task(spec.dataset)
+    train_size = len(task.train)
+    budget = int(round(spec.budget_epochs * train_size))
+    L.seed_everything(spec.seed, verbose=False)
+    model = build_model(spec.model, task, spec.seed)
+
+    switch = _second_phase(spec)
+    monitor = BudgetMonitor(budget, max(1, budget // spec.points), task, switch)
+    callbacks = [switch, monitor] if switch is not None else [monitor]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=int(spec.budget_epochs) + 2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
+
+    begin = time.perf_counter()
+    trainer.fit(model)
+    wall = time.perf_counter() - begin
+
+    result = RunResult(spec, train_size, budget, monitor.points, wall_s=wall)
+    _, result.val_accuracy = model.evaluate(task.val)
+    if switch is not None:
+        result.switch_epoch = switch.switch_epoch
+        result.switch_samples = monitor.switch_samples
+        result.history = [[p.epoch, p.loss, p.grad_norm, p.phase] for p in switch.history]
+    return result
+
+
+def _describe(result: RunResult) -> str:
+    spec = result.spec
+    last = result.points[-1]
+    swap = f", swap epoch {result.switch_epoch}" if result.switch_epoch is not None else ""
+    return (
+        f"{spec.dataset:8s} {spec.model:4s} {spec.method:14s} seed {spec.seed}: loss {last[2]:.3e}"
+        f" after {last[0] / result.train_size:.1f} epochs, val acc {100 * result.val_accuracy:.1f}%{swap},"
+        f" {result.wall_s:.0f} s"
+    )
+
+
+def _run_all(specs: list[RunSpec], jobs: int) -> Iterator[RunResult]:
+    if jobs == 1:
+        # In-process, which saves starting a worker that imports Lightning again.
+        yield from map(run, specs)
+        return
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run, spec) for spec in specs]
+        for future in as_completed(futures):
+            yield future.result()
+
+
+def build_specs(args: argparse.Namespace) -> list[RunSpec]:
+    """Expand the command-line choices into one spec per run."""
+    specs = []
+    # Seed-major order: an interrupted run still covers every pair with its first seeds.
+    for seed in range(args.seeds):
+        for dataset in args.datasets:
+            budget = args.budget_epochs[DATASETS.index(dataset)] if len(args.budget_epochs) > 1 else args.budget_epochs[0]
+            fixed_epoch = max(1, int(round(args.fixed_fraction * budget)))
+            for model in args.models:
+                for method in args.methods:
+                    specs.append(RunSpec(dataset, model, method, seed, budget, args.points, args.cg_max_iter, fixed_epoch))
+    return specs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
+    parser.add_argument("--quick", action="store_true", help="smoke run: one seed, one model, tiny budgets")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel processes, one thread each (default 1)")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 (default 3)")
+    parser.add_argument(
+        "--budget-epochs",
+        type=float,
+        nargs="+",
+        default=[150.0, 100.0],
+        help="budget in epochs of the training set, one value or one per data set (default 150 100)",
+    )
+    parser.add_argument("--points", type=int, default=40, help="recorded loss points per run (default 40)")
+    parser.add_argument("--cg-max-iter", type=int, default=5, help="CG (and L-BFGS) iterations per step (default 5)")
+    parser.add_argument("--fixed-fraction", type=float, default=0.3, help="fixed swap epoch as a budget fraction")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.datasets, args.models, args.seeds = ["digits"], ["mlp"], 1
+        args.budget_epochs, args.points = [8.0], 8
+        args.methods = list(DEFAULT_METHODS)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    specs = build_specs(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for dataset in args.datasets:
+        size = len(load_task(dataset).train)
+        epochs = next(s.budget_epochs for s in specs if s.dataset == dataset)
+        print(f"budget {dataset}: {epochs:g} epochs = {int(round(epochs * size))} sample gradients ({size} samples)")
+    print(f"{len(specs)} runs in {args.jobs} process(es)", flush=True)
+
+    begin = time.perf_counter()
+    payload: dict[str, Any] = {"command": " ".join(["python", *sys.argv]), "wall_s": 0.0, "runs": []}
+    for result in _run_all(specs, args.jobs):
+        print(_describe(result), flush=True)
+        # Written after every run, so an interrupted benchmark keeps what it finished.
+        payload["runs"].append(asdict(result))
+        payload["wall_s"] = time.perf_counter() - begin
+        (args.out / "reproduce.json").write_text(json.dumps(payload))
+
+    from reproduce_report import write_outputs
+
+    write_outputs(payload, args.out)
+    print(f"total wall time {payload['wall_s']:.0f} s; results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

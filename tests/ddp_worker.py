@@ -1,0 +1,84 @@
+"""Standalone two-phase training run for the DDP tests, on CPU with the gloo backend.
+
+``strategy="ddp"`` starts the other ranks by running this script again with the same
+arguments, so it must be a script and not a pytest function. Every rank writes
+``rank{N}.json`` into the output directory with its swap step, the SHA-256 digest of
+every parameter, the indices of its shard of the CG batch and the final CG-batch loss:
+
+    python tests/ddp_worker.py OUTPUT_DIR --devices 2 --max-epochs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import TinyClassifier, digits_dataset, make_trainer  # noqa: E402
+
+from lightning_twophase import ConvexitySwitch  # noqa: E402
+
+
+def parameter_digests(module: torch.nn.Module) -> dict[str, str]:
+    """Return the SHA-256 digest of the bytes of every parameter, keyed by name."""
+    digests = {}
+    for name, param in module.named_parameters():
+        data = param.detach().cpu().contiguous().numpy().tobytes()
+        digests[name] = hashlib.sha256(data).hexdigest()
+    return digests
+
+
+def cg_shard_indices(switch: ConvexitySwitch) -> list[int]:
+    """Return the dataset indices of this rank's shard of the CG batch (whole training set)."""
+    # The objective is private; the test reads it to check that the shards cover the CG batch.
+    loader = switch._objective.source.loader
+    return [int(index) for index in loader.sampler]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output", type=Path, help="directory for the per-rank JSON files")
+    parser.add_argument("--devices", type=int, default=2, help="number of CPU processes (default 2)")
+    parser.add_argument("--max-epochs", type=int, default=6, help="epochs in total, both phases (default 6)")
+    parser.add_argument("--samples", type=int, default=512, help="digits samples in the training set")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size per process (default 32)")
+    args = parser.parse_args()
+
+    L.seed_everything(0, verbose=False)
+    model = TinyClassifier(
+        features=64, classes=10, hidden=16, lr=0.01, dataset=digits_dataset(args.samples),
+        batch_size=args.batch_size,
+    )
+    switch = ConvexitySwitch(min_epochs=2, cg_micro_batch_size=128, cg_kwargs={"max_iter": 3})
+    strategy = "ddp" if args.devices > 1 else "auto"
+    trainer = make_trainer(max_epochs=args.max_epochs, devices=args.devices, strategy=strategy, callbacks=[switch])
+    trainer.fit(model)
+
+    cg_points = [point for point in switch.history if point.phase == 1]
+    record = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "switched": switch.switched,
+        "switch_step": switch.switch_step,
+        "switch_epoch": switch.switch_epoch,
+        "global_step": trainer.global_step,
+        "optimizer": type(trainer.optimizers[0]).__name__,
+        "cg_steps": trainer.global_step - (switch.switch_step or trainer.global_step),
+        "digests": parameter_digests(model),
+        "cg_shard": cg_shard_indices(switch) if switch.switched else [],
+        "final_loss": cg_points[-1].loss if cg_points else None,
+        "losses": [point.loss for point in switch.history],
+    }
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / f"rank{trainer.global_rank}.json").write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()

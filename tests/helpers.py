@@ -1,0 +1,273 @@
+"""Shared test fixtures: tiny LightningModules, small data sets and a CPU trainer factory.
+
+Everything here runs in seconds on one CPU core. The modules log ``train_loss`` in
+``training_step`` and return Adam from ``configure_optimizers`` unless an option changes that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+__all__ = [
+    "TinyClassifier",
+    "TinyCNN",
+    "StreamDataset",
+    "blobs_dataset",
+    "digits_dataset",
+    "make_loader",
+    "make_trainer",
+    "parameter_snapshot",
+    "assert_parameters_unchanged",
+    "fit_logged_two_phase_run",
+]
+
+
+# ---------------------------------------------------------------------- data
+
+
+def blobs_dataset(
+    samples: int = 256,
+    features: int = 8,
+    classes: int = 3,
+    label_noise: float = 0.0,
+    seed: int = 0,
+) -> TensorDataset:
+    """Return Gaussian blobs with unit noise around class centres of norm about ``3 * sqrt(features)``.
+
+    Without label noise the classes are separable in practice, and a closure-based optimizer
+    drives the loss towards 0, where float32 arithmetic reaches subnormal numbers and runs
+    very slowly on CPU. ``label_noise`` relabels that fraction of the samples at random,
+    which keeps the minimum of the training loss well above 0.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    centres = 3.0 * torch.randn(classes, features, generator=generator)
+    labels = torch.arange(samples) % classes
+    inputs = centres[labels] + torch.randn(samples, features, generator=generator)
+
+    flipped = torch.rand(samples, generator=generator) < label_noise
+    random_labels = torch.randint(classes, (samples,), generator=generator)
+    labels = torch.where(flipped, random_labels, labels)
+    return TensorDataset(inputs, labels)
+
+
+def digits_dataset(samples: int | None = None, image: bool = False) -> TensorDataset:
+    """Return scikit-learn's 8x8 digits scaled to [0, 1], flat (64 features) or as 1x8x8 images.
+
+    Args:
+        samples: Keep only the first this many samples; ``None`` keeps all 1,797.
+        image: Shape the inputs as ``(N, 1, 8, 8)`` for :class:`TinyCNN`.
+    """
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    inputs = torch.tensor(images, dtype=torch.float32) / 16.0
+    targets = torch.tensor(labels)
+    if samples is not None:
+        inputs, targets = inputs[:samples], targets[:samples]
+    if image:
+        inputs = inputs.reshape(-1, 1, 8, 8)
+    return TensorDataset(inputs, targets)
+
+
+class StreamDataset(IterableDataset):
+    """An ``IterableDataset`` that yields the samples of a ``TensorDataset`` in order, without ``len``."""
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        super().__init__()
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for index in range(len(self.dataset)):
+            yield self.dataset[index]
+
+
+def make_loader(dataset: Any, batch_size: int = 32, shuffle: bool | None = None) -> DataLoader:
+    """Return a single-process ``DataLoader``; map-style data is shuffled unless told otherwise."""
+    if shuffle is None:
+        shuffle = not isinstance(dataset, IterableDataset)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0)
+
+
+# ---------------------------------------------------------------------- modules
+
+
+class TinyClassifier(L.LightningModule):
+    """A one-hidden-layer tanh MLP classifier with switchable optimizer configurations.
+
+    Args:
+        features: Input features.
+        classes: Output classes.
+        hidden: Hidden units.
+        lr: Learning rate of the first optimizer.
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` for the first optimizer.
+        weight_decay: Weight decay of the first optimizer.
+        scheduler: ``None``, ``"step"`` (``StepLR`` every epoch) or ``"step_interval"``
+            (``StepLR`` stepped every optimizer step).
+        two_optimizers: Return two optimizers (one per layer) from ``configure_optimizers``.
+        manual: Use manual optimization.
+        dict_output: Return ``{"loss": loss}`` from ``training_step`` instead of the tensor.
+        nan_epochs: Epochs in which ``training_step`` returns a NaN loss (its gradient is NaN too).
+        dataset: Training data; ``None`` uses :func:`blobs_dataset` with matching sizes.
+        batch_size: Training batch size.
+        iterable: Wrap the training data in :class:`StreamDataset`.
+    """
+
+    def __init__(
+        self,
+        features: int = 8,
+        classes: int = 3,
+        hidden: int = 16,
+        lr: float = 0.01,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+        scheduler: str | None = None,
+        two_optimizers: bool = False,
+        manual: bool = False,
+        dict_output: bool = False,
+        nan_epochs: Sequence[int] = (),
+        dataset: Any = None,
+        batch_size: int = 32,
+        iterable: bool = False,
+    ) -> None:
+        super().__init__()
+        self.hidden_layer = nn.Linear(features, hidden)
+        self.output_layer = nn.Linear(hidden, classes)
+        self.lr = lr
+        self.optimizer_name = optimizer
+        self.weight_decay = weight_decay
+        self.scheduler = scheduler
+        self.two_optimizers = two_optimizers
+        self.automatic_optimization = not manual
+        self.dict_output = dict_output
+        self.nan_epochs = set(nan_epochs)
+        self.dataset = dataset if dataset is not None else blobs_dataset(features=features, classes=classes)
+        self.batch_size = batch_size
+        self.iterable = iterable
+        self.training_steps = 0
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.output_layer(torch.tanh(self.hidden_layer(inputs)))
+
+    def loss(self, batch: Any) -> Tensor:
+        inputs, labels = batch
+        loss = F.cross_entropy(self(inputs), labels)
+        if self.current_epoch in self.nan_epochs:
+            loss = loss * torch.tensor(float("nan"))
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self.training_steps += 1
+        loss = self.loss(batch)
+        self.log("train_loss", loss)
+        if not self.automatic_optimization:
+            return self._manual_step(loss)
+        if self.dict_output:
+            return {"loss": loss}
+        return loss
+
+    def _manual_step(self, loss: Tensor) -> Tensor:
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+    def _make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def configure_optimizers(self) -> Any:
+        if self.two_optimizers:
+            return [
+                self._make_optimizer(self.hidden_layer.parameters()),
+                self._make_optimizer(self.output_layer.parameters()),
+            ]
+        optimizer = self._make_optimizer(self.parameters())
+        if self.scheduler is None:
+            return optimizer
+        interval = "step" if self.scheduler == "step_interval" else "epoch"
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def train_dataloader(self) -> DataLoader:
+        data = StreamDataset(self.dataset) if self.iterable else self.dataset
+        return make_loader(data, batch_size=self.batch_size)
+
+
+class TinyCNN(TinyClassifier):
+    """:class:`TinyClassifier` with a small convolutional body, for 1x8x8 digit images."""
+
+    def __init__(self, channels: int = 4, classes: int = 10, **kwargs: Any) -> None:
+        kwargs.setdefault("dataset", digits_dataset(image=True))
+        super().__init__(features=channels * 16, classes=classes, **kwargs)
+        self.conv = nn.Conv2d(1, channels, 3, padding=1)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        features = F.avg_pool2d(torch.tanh(self.conv(inputs)), 2).flatten(1)
+        return super().forward(features)
+
+
+# ---------------------------------------------------------------------- trainer and checks
+
+
+def make_trainer(root: Path | str | None = None, **kwargs: Any) -> L.Trainer:
+    """Return a CPU ``Trainer`` without progress bar, model summary or checkpointing.
+
+    ``logger`` defaults to ``False``; keyword arguments override every default.
+    """
+    defaults: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 10,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "log_every_n_steps": 1,
+        "num_sanity_val_steps": 0,
+    }
+    if root is not None:
+        defaults["default_root_dir"] = str(root)
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def parameter_snapshot(module: nn.Module) -> dict[str, Tensor]:
+    """Return detached copies of all parameters, keyed by name."""
+    return {name: param.detach().clone() for name, param in module.named_parameters()}
+
+
+def assert_parameters_unchanged(module: nn.Module, snapshot: dict[str, Tensor]) -> None:
+    """Assert that every parameter of ``module`` equals its copy in ``snapshot`` bit for bit."""
+    for name, param in module.named_parameters():
+        assert torch.equal(param.detach(), snapshot[name]), f"parameter {name} changed"
+
+
+def fit_logged_two_phase_run(save_dir: Path | str, name: str = "tiny", max_epochs: int = 3, **trainer_kwargs: Any):
+    """Fit :class:`TinyClassifier` with ``ConvexitySwitch`` and a ``TensorBoardLogger``; return the callback.
+
+    The blobs data makes the gradient norm peak in epoch 0 and fall below 0.9 times the peak in
+    epoch 1, so the run swaps to CG at epoch 1 and trains ``max_epochs - 2`` CG epochs (about
+    5 s on one CPU core for the default 3 epochs).
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_twophase import ConvexitySwitch
+
+    L.seed_everything(0, verbose=False)
+    switch = ConvexitySwitch(min_epochs=1, cg_kwargs={"max_iter": 2})
+    logger = TensorBoardLogger(str(save_dir), name=name)
+    trainer = make_trainer(max_epochs=max_epochs, callbacks=[switch], logger=logger, **trainer_kwargs)
+    trainer.fit(TinyClassifier())
+    return switch

@@ -1,0 +1,57 @@
+"""Smoke runs of the benchmark scripts: each ``--quick`` mode exits 0 and writes its outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {"adam", "adam_cg", "adam_lbfgs", "adam_cg_fixed"}
+
+
+def _run(script: str, *arguments: str, timeout: float) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, str(ROOT / "benchmarks" / script), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_reproduce_quick_writes_outputs(tmp_path):
+    completed = _run("reproduce.py", "--quick", "--out", str(tmp_path), timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+
+    payload = json.loads((tmp_path / "reproduce.json").read_text())
+    runs = payload["runs"]
+    assert {run["spec"]["method"] for run in runs} == METHODS
+    for run in runs:
+        assert run["points"][0][0] == 0
+        assert run["points"][-1][0] >= run["budget"], "a run stopped before its budget was spent"
+
+    adam = next(run for run in runs if run["spec"]["method"] == "adam")
+    assert adam["points"][-1][0] == adam["budget"], "Adam overran its budget"
+    assert adam["points"][-1][2] < adam["points"][0][2]
+
+    fixed = next(run for run in runs if run["spec"]["method"] == "adam_cg_fixed")
+    assert fixed["switch_epoch"] == fixed["spec"]["fixed_epoch"]
+
+    table = (tmp_path / "reproduce.md").read_text()
+    assert "| Adam |" in table
+    assert "Targets for Adam+CG" in table
+    assert (tmp_path / "reproduce_digits_loss.png").stat().st_size > 0
+    assert (tmp_path / "reproduce_digits_norm_vs_loss.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_overhead_quick_prints_ratio():
+    completed = _run("overhead.py", "--quick", timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+
+    line = next(line for line in completed.stdout.splitlines() if line.startswith("median step-time ratio"))
+    ratio = float(line.rsplit(":", 1)[1])
+    # Only a sanity range: three short blocks on a shared CI machine are too noisy for the 1.02 target.
+    assert 0.3 < ratio < 3.0
