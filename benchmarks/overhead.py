@@ -1,7 +1,7 @@
 """Cost of ``ConvexitySwitch`` in the Adam phase: per-step wall time with and without the callback.
 
 The model is an MLP 784-1024-1024-10 (1.86 M parameters) on random data. Two trainers, one
-with the callback and one without, train alternately for ``--block`` steps each, ``--repeats``
+with the callback and one without, train alternately for ``--steps`` steps each, ``--repeats``
 times, so that both see the same machine load. The callback's warm-up (``min_epochs``) is
 longer than the run, so it stays in the Adam phase: it reads the gradient norm and adds the
 gradient to its interval sum on every step, which is the per-step work being measured.

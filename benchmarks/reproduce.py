@@ -68,7 +68,7 @@ class RunSpec:
 
 @dataclass
 class RunResult:
-    """Curves and summary of one run; ``points`` rows are ``[samples, wall_s, train_loss]``."""
+    """Curves and summary of one run. Each row of ``points`` is ``[samples, wall_s, train_loss]``."""
 
     spec: RunSpec
     train_size: int

@@ -21,6 +21,7 @@ from lightning_twophase.checks import (
     check_cg_dataset,
     check_fit_start,
     check_setup,
+    resolve_cg_dtype,
     validate_arguments,
 )
 from lightning_twophase.detection import Decision, DecisionReason, IntervalStatistics, SwapDetector, make_detector
@@ -99,7 +100,8 @@ class ConvexitySwitch(Callback):
             ``lambda groups: torch.optim.LBFGS(groups, line_search_fn="strong_wolfe")``) from
             the parameter groups; replaces ``cg_kwargs``.
         cg_dtype: ``torch.float64`` converts the model and inputs to double precision for the
-            CG phase (single-device strategies only).
+            CG phase (single-device strategies only). The strings ``"float64"`` and
+            ``"float32"`` are accepted for YAML configurations.
         figure_every_n_checks: Refresh the norm-versus-loss image every this many checks.
         seed: Seed of the random subset when ``cg_batch_size`` is smaller than the data.
 
@@ -132,10 +134,11 @@ class ConvexitySwitch(Callback):
         cg_micro_batch_size: int | None = None,
         cg_kwargs: dict[str, Any] | None = None,
         optimizer_factory: OptimizerFactory | None = None,
-        cg_dtype: torch.dtype | None = None,
+        cg_dtype: torch.dtype | str | None = None,
         figure_every_n_checks: int = 5,
         seed: int = 0,
     ) -> None:
+        cg_dtype = resolve_cg_dtype(cg_dtype)
         validate_arguments(
             ratio=ratio,
             min_epochs=min_epochs,

@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import IterableDataset
 
-__all__ = ["check_cg_dataset", "check_fit_start", "check_setup", "validate_arguments"]
+__all__ = ["check_cg_dataset", "check_fit_start", "check_setup", "resolve_cg_dtype", "validate_arguments"]
 
 _SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
 
@@ -29,6 +29,26 @@ def _check_positive_int(name: str, value: Any, allow_none: bool = False, allow_z
         if allow_none:
             expected += " or None"
         raise ValueError(f"Invalid {name}: {value!r}. Expected {expected}.")
+
+
+_CG_DTYPE_NAMES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_cg_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """Return ``cg_dtype`` as a ``torch.dtype``, accepting the names used in YAML configurations.
+
+    The strings ``"float64"`` and ``"float32"`` (with or without a ``torch.`` prefix) map to
+    the dtypes, because LightningCLI and jsonargparse cannot build a ``torch.dtype`` from a name.
+
+    Raises:
+        ValueError: For any other string.
+    """
+    if not isinstance(value, str):
+        return value
+    dtype = _CG_DTYPE_NAMES.get(value.removeprefix("torch."))
+    if dtype is None:
+        raise ValueError(f"Invalid cg_dtype: {value!r}. Use 'float64', 'float32', torch.float64, torch.float32 or None.")
+    return dtype
 
 
 def validate_arguments(

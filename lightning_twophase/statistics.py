@@ -130,9 +130,7 @@ class IntervalAccumulator:
             # With nan_strategy="disable", MeanMetric.update replaces any weight by 1 (torchmetrics 1.9),
             # so a weighted update cannot restore the sums. One update marks the metric as updated,
             # then the sums are copied into its states.
-            metric.update(torch.zeros((), device=metric.mean_value.device))
-            metric.mean_value.copy_(weighted_sum)
-            metric.weight.copy_(weight)
+            metric.update(weighted_sum / weight, weight=weight)
 
         params = list(params)
         self._indices = list(state["indices"])

@@ -63,11 +63,11 @@ def test_param_groups_match_single_group():
               torch.tensor([1.0], dtype=torch.float64, requires_grad=True)]
     grouped = [tensor.detach().clone().requires_grad_() for tensor in single]
 
-    one = ConjugateGradient(single, max_iter=5)
-    two = ConjugateGradient([{"params": [grouped[0]]}, {"params": [grouped[1]]}], max_iter=5)
+    single_group = ConjugateGradient(single, max_iter=5)
+    two_groups = ConjugateGradient([{"params": [grouped[0]]}, {"params": [grouped[1]]}], max_iter=5)
     for _ in range(3):
-        one.step(make_closure(one, single, objective))
-        two.step(make_closure(two, grouped, objective))
+        single_group.step(make_closure(single_group, single, objective))
+        two_groups.step(make_closure(two_groups, grouped, objective))
 
     for left, right in zip(single, grouped):
         assert torch.equal(left.detach(), right.detach())

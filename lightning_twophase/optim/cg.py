@@ -46,7 +46,7 @@ _HYPERPARAMETERS = (
 
 
 class StopReason(enum.Enum):
-    """Why a ``ConjugateGradient.step`` call returned."""
+    """Reason a ``ConjugateGradient.step`` call returned."""
 
     CONVERGED_GRAD = "converged_grad"
     CONVERGED_CHANGE = "converged_change"
@@ -291,7 +291,7 @@ class ConjugateGradient(Optimizer):
     calls continue one conjugate-gradient run and ``state_dict`` carries it. Each ``step`` first
     re-evaluates the closure at the current parameters.
 
-    Memory: for :math:`n` parameter elements, the state holds :math:`2n` elements (direction and
+    Memory: for :math:`n` parameter elements, the state stores :math:`2n` elements (direction and
     previous gradient), and each ``step`` call allocates :math:`n` more for the start point of the
     line search, which restores the last accepted point exactly. Total: :math:`3n` besides the
     gradients. No flattened copy of the parameters is made.
@@ -306,7 +306,7 @@ class ConjugateGradient(Optimizer):
     to reach max |g| <= 1e-5, 0.76 times SciPy's CG (3200). Hestenes-Stiefel keeps
     :math:`d_{k+1}^T y_k = 0` whatever the step, so it loses less conjugacy to inexact line
     searches than Polak-Ribiere+ (2540 with the same settings). Neighbouring settings differ by
-    up to 10%; ``docs/benchmarks.md`` lists them. The Hager-Zhang search used 2 to 4 times more
+    up to 10%; ``docs/benchmarks.md`` lists them. The Hager-Zhang search used 2.7 to 6.2 times more
     evaluations.
 
     Args:

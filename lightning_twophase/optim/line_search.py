@@ -262,7 +262,7 @@ def _bracket(trials: _Trials, initial_step: float, c1: float, c2: float, step_to
         if current.derivative >= 0.0:
             return _zoom(trials, current, previous, c1, c2, step_tolerance)
 
-        # Beyond a non-finite trial no longer step can be tested, so sufficient decrease must do.
+        # No longer step can be tested beyond a non-finite trial, so sufficient decrease alone is accepted.
         if math.isfinite(non_finite_step):
             return trials.success(current, "sufficient decrease below a step with a non-finite value")
 
@@ -444,10 +444,10 @@ def hager_zhang(
     non-negative slope, then shrinks the bracket with two secant steps per round, bisecting when a
     round shrinks the bracket by less than the factor ``gamma``.
 
-    NOTE: CG_DESCENT switches to the approximate conditions only once the function values stall and
-    chooses its first trial by a quadratic fit; this search always accepts approximate Wolfe
-    points and takes ``initial_step`` as given. In ``benchmarks/cg_vs_scipy.py`` it needs 2 to 4
-    times more evaluations than ``strong_wolfe``.
+    NOTE: CG_DESCENT switches to the approximate conditions only once the function values stall,
+    and it chooses its first trial by a quadratic fit. This search always accepts approximate
+    Wolfe points and takes ``initial_step`` as given. In ``benchmarks/cg_vs_scipy.py`` it needs 2.7 to
+    6.2 times more evaluations than ``strong_wolfe``.
 
     Args:
         model: the 1-D function ``step -> (value, derivative)``.
