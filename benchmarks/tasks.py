@@ -69,8 +69,8 @@ def _digits(seed: int) -> tuple[TensorDataset, TensorDataset]:
 def _mnist1d() -> tuple[TensorDataset, TensorDataset]:
     from mnist1d.data import get_dataset_args, make_dataset
 
-    # make_dataset generates the sequences locally from ten templates; the `url` argument is
-    # only used by mnist1d's download helper, which is not called here.
+    # make_dataset generates the sequences locally from ten templates. The `url` argument is
+    # read only by mnist1d's download helper, which is not called here.
     data = make_dataset(get_dataset_args())
     train_x = torch.tensor(data["x"], dtype=torch.float32).unsqueeze(1)
     val_x = torch.tensor(data["x_test"], dtype=torch.float32).unsqueeze(1)

@@ -432,10 +432,10 @@ class ConvexitySwitch(Callback):
         stats = getattr(trainer.optimizers[0], "last_stats", None)
         if stats is None:
             return
-        grads = [p.grad for p in self._parameters(trainer) if p.grad is not None]
-        if not grads:
-            return
-        norm = float(total_grad_norm(grads))
+        norm = getattr(stats, "grad_norm", None)
+        if norm is None:
+            grads = [p.grad for p in self._parameters(trainer) if p.grad is not None]
+            norm = float(total_grad_norm(grads)) if grads else float("nan")
         self.history.append(CheckPoint(trainer.global_step, trainer.current_epoch, float(stats.loss), norm, int(Phase.CG)))
         self._log_metrics(trainer, {TAG.GRAD_NORM: norm})
         if len(self.history) % self.figure_every_n_checks == 0:
@@ -466,6 +466,9 @@ class ConvexitySwitch(Callback):
         optimizer = trainer.optimizers[0]
         stats = getattr(optimizer, "last_stats", None)
         metrics = {TAG.PHASE: float(Phase.CG), TAG.SAMPLES: float(self.sample_gradients)}
+        last_loss = self._objective.last_loss if self._objective is not None else None
+        if last_loss is not None:
+            metrics[TAG.LOSS] = last_loss
         if stats is not None:
             metrics.update({
                 TAG.LOSS: float(stats.loss),

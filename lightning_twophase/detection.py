@@ -297,8 +297,8 @@ class FixedEpochDetector(SwapDetector):
 
 
 #: Detectors selectable by name in ``ConvexitySwitch(detector=...)``. A named
-#: ``"fixed_epoch"`` detector swaps at its default epoch; pass a ``FixedEpochDetector(epoch=...)``
-#: instance to choose another.
+#: ``"fixed_epoch"`` detector swaps at its default epoch, so pass a
+#: ``FixedEpochDetector(epoch=...)`` instance to choose another.
 DETECTORS: dict[str, type[SwapDetector]] = {"peak_ratio": PeakRatioDetector, "fixed_epoch": FixedEpochDetector}
 
 

@@ -77,6 +77,7 @@ def build_objective(
         reduce_mean=reduce_mean,
         no_sync=_no_sync_factory(trainer),
         count_samples=count_samples,
+        params=lambda: [p for group in trainer.optimizers[0].param_groups for p in group["params"]],
     )
 
 
@@ -108,8 +109,9 @@ def convert_model_dtype(trainer: pl.Trainer, pl_module: pl.LightningModule, dtyp
     floating-point batch before ``training_step`` and ``validation_step``. Parameters are
     converted in place, so optimizers keep referencing the same tensors.
     """
-    if next(pl_module.parameters()).dtype == dtype:
-        return
-    pl_module.to(dtype)
+    # The plugin is set even when the parameters already have ``dtype`` (for example a module
+    # the user converted), because only the plugin converts the inputs.
+    if next(pl_module.parameters()).dtype != dtype:
+        pl_module.to(dtype)
     if dtype == torch.float64 and not isinstance(trainer.strategy.precision_plugin, DoublePrecision):
         trainer.strategy.precision_plugin = DoublePrecision()

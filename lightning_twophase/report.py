@@ -207,7 +207,7 @@ def find_run_directories(logdir: Path) -> list[Path]:
     """Return every directory at or below ``logdir`` that directly contains event files, sorted.
 
     Raises:
-        ReportError: If ``logdir`` does not exist, is not a directory, or holds no event files.
+        ReportError: If ``logdir`` does not exist, is not a directory, or contains no event files.
     """
     if not logdir.exists():
         raise ReportError(

@@ -130,7 +130,9 @@ class IntervalAccumulator:
             # With nan_strategy="disable", MeanMetric.update replaces any weight by 1 (torchmetrics 1.9),
             # so a weighted update cannot restore the sums. One update marks the metric as updated,
             # then the sums are copied into its states.
-            metric.update(weighted_sum / weight, weight=weight)
+            metric.update(torch.zeros((), device=metric.mean_value.device))
+            metric.mean_value.copy_(weighted_sum)
+            metric.weight.copy_(weight)
 
         params = list(params)
         self._indices = list(state["indices"])

@@ -37,7 +37,7 @@ def parameter_digests(module: torch.nn.Module) -> dict[str, str]:
 
 def cg_shard_indices(switch: ConvexitySwitch) -> list[int]:
     """Return the dataset indices of this rank's shard of the CG batch (whole training set)."""
-    # The objective is private; the test reads it to check that the shards cover the CG batch.
+    # The objective is private, but the shard check needs the sampler that it iterates.
     loader = switch._objective.source.loader
     return [int(index) for index in loader.sampler]
 

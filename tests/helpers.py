@@ -13,10 +13,15 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers.logger import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 __all__ = [
+    "FullLossRecorder",
+    "MemoryLogger",
+    "OptimizerRecorder",
     "TinyClassifier",
     "TinyCNN",
     "StreamDataset",
@@ -27,6 +32,7 @@ __all__ = [
     "parameter_snapshot",
     "assert_parameters_unchanged",
     "fit_logged_two_phase_run",
+    "limit_cpu_threads",
 ]
 
 
@@ -114,8 +120,12 @@ class TinyClassifier(L.LightningModule):
         two_optimizers: Return two optimizers (one per layer) from ``configure_optimizers``.
         manual: Use manual optimization.
         dict_output: Return ``{"loss": loss}`` from ``training_step`` instead of the tensor.
-        nan_epochs: Epochs in which ``training_step`` returns a NaN loss (its gradient is NaN too).
-        dataset: Training data; ``None`` uses :func:`blobs_dataset` with matching sizes.
+        nan_epochs: Epochs in which the loss value is NaN. The NaN is added as a constant, so
+            the gradient stays finite and the parameters stay usable.
+        logged_loss_scale: ``train_loss`` is logged as this factor times the returned loss, so
+            a test can tell the logged metric from the returned loss.
+        dataset: Training data; ``None`` uses :func:`blobs_dataset` with matching sizes and 20%
+            label noise, so the training loss stays well above 0.
         batch_size: Training batch size.
         iterable: Wrap the training data in :class:`StreamDataset`.
     """
@@ -133,6 +143,7 @@ class TinyClassifier(L.LightningModule):
         manual: bool = False,
         dict_output: bool = False,
         nan_epochs: Sequence[int] = (),
+        logged_loss_scale: float = 1.0,
         dataset: Any = None,
         batch_size: int = 32,
         iterable: bool = False,
@@ -148,7 +159,8 @@ class TinyClassifier(L.LightningModule):
         self.automatic_optimization = not manual
         self.dict_output = dict_output
         self.nan_epochs = set(nan_epochs)
-        self.dataset = dataset if dataset is not None else blobs_dataset(features=features, classes=classes)
+        self.logged_loss_scale = logged_loss_scale
+        self.dataset = dataset if dataset is not None else blobs_dataset(features=features, classes=classes, label_noise=0.2)
         self.batch_size = batch_size
         self.iterable = iterable
         self.training_steps = 0
@@ -159,14 +171,14 @@ class TinyClassifier(L.LightningModule):
     def loss(self, batch: Any) -> Tensor:
         inputs, labels = batch
         loss = F.cross_entropy(self(inputs), labels)
-        if self.current_epoch in self.nan_epochs:
-            loss = loss * torch.tensor(float("nan"))
+        if self.training and self.current_epoch in self.nan_epochs:
+            loss = loss + torch.tensor(float("nan"))
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         self.training_steps += 1
         loss = self.loss(batch)
-        self.log("train_loss", loss)
+        self.log("train_loss", self.logged_loss_scale * loss)
         if not self.automatic_optimization:
             return self._manual_step(loss)
         if self.dict_output:
@@ -219,6 +231,84 @@ class TinyCNN(TinyClassifier):
 
 
 # ---------------------------------------------------------------------- trainer and checks
+
+
+class OptimizerRecorder(Callback):
+    """Records ``(global_step, optimizer class name)`` for every optimizer step Lightning runs.
+
+    ``on_before_optimizer_step`` receives the optimizer that Lightning is stepping, so this
+    shows which optimizer really ran, independent of ``trainer.optimizers``.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, str]] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self.steps.append((trainer.global_step, type(optimizer).__name__))
+
+
+class FullLossRecorder(Callback):
+    """Records the module's mean loss over its whole training set at the end of every epoch.
+
+    Works with modules that have a ``dataset`` attribute and a ``loss(batch)`` method, as
+    :class:`TinyClassifier` does. Place it after ``ConvexitySwitch`` in the callback list to
+    see the parameters after that epoch's swap decision.
+
+    Attributes:
+        losses: ``(epoch, global_step, loss)`` per epoch.
+    """
+
+    def __init__(self) -> None:
+        self.losses: list[tuple[int, int, float]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        inputs, labels = pl_module.dataset.tensors
+        parameter = next(pl_module.parameters())
+        batch = (inputs.to(parameter.device, parameter.dtype), labels.to(parameter.device))
+        with torch.no_grad():
+            pl_module.eval()
+            loss = pl_module.loss(batch)
+            pl_module.train()
+        self.losses.append((trainer.current_epoch, trainer.global_step, float(loss)))
+
+
+class MemoryLogger(Logger):
+    """A Lightning logger that keeps every ``log_metrics`` call in memory.
+
+    Attributes:
+        records: ``(step, metrics)`` in call order.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.records.append((step, dict(metrics)))
+
+    def values(self, key: str) -> list[tuple[int | None, float]]:
+        """Return ``(step, value)`` of every record that contains ``key``."""
+        return [(step, float(metrics[key])) for step, metrics in self.records if key in metrics]
+
+
+def limit_cpu_threads() -> None:
+    """Run torch on one CPU thread.
+
+    On a small shared machine, torch's default intra-op thread pool makes these tiny models
+    tens of times slower once other processes compete for the cores.
+    """
+    torch.set_num_threads(1)
 
 
 def make_trainer(root: Path | str | None = None, **kwargs: Any) -> L.Trainer:

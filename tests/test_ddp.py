@@ -83,7 +83,7 @@ def test_ddp_parameters_identical_after_cg(ddp_records: list[dict]) -> None:
 
 
 def test_ddp_detector_history_identical(ddp_records: list[dict]) -> None:
-    # Checked losses are reduced over ranks before the detector sees them.
+    # The interval losses are averaged over ranks before the detector receives them.
     assert ddp_records[0]["losses"] == ddp_records[1]["losses"]
 
 

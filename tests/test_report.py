@@ -37,7 +37,8 @@ def run_command(*args: str) -> subprocess.CompletedProcess:
 
 def assert_not_blank(pixels: np.ndarray) -> None:
     assert pixels.ndim == 3
-    assert pixels.shape[0] > 200 and pixels.shape[1] > 600
+    assert pixels.shape[0] > 200
+    assert pixels.shape[1] > 600
     assert float(pixels[..., :3].std()) > 0.05
     colours = np.unique((pixels[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
     assert len(colours) > 20
@@ -166,7 +167,8 @@ def test_unsupported_suffix(logdir: Path, tmp_path: Path, capsys: pytest.Capture
     assert code == 2
     error = capsys.readouterr().err
     assert "report.pdf" in error
-    assert ".png" in error and ".html" in error
+    assert ".png" in error
+    assert ".html" in error
 
 
 def test_help_lists_options(capsys: pytest.CaptureFixture) -> None:

@@ -22,7 +22,7 @@ def _run(script: str, *arguments: str, timeout: float) -> subprocess.CompletedPr
 
 @pytest.mark.slow
 def test_reproduce_quick_writes_outputs(tmp_path):
-    completed = _run("reproduce.py", "--quick", "--out", str(tmp_path), timeout=120)
+    completed = _run("reproduce.py", "--quick", "--out", str(tmp_path), timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
 
     payload = json.loads((tmp_path / "reproduce.json").read_text())
@@ -48,7 +48,7 @@ def test_reproduce_quick_writes_outputs(tmp_path):
 
 @pytest.mark.slow
 def test_overhead_quick_prints_ratio():
-    completed = _run("overhead.py", "--quick", timeout=120)
+    completed = _run("overhead.py", "--quick", timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
 
     line = next(line for line in completed.stdout.splitlines() if line.startswith("median step-time ratio"))

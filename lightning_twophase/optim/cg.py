@@ -78,6 +78,7 @@ class CGStepStats:
         beta: last conjugacy coefficient used (0 after a restart).
         restarted: whether any iteration of this step restarted with steepest descent.
         directional_derivative: :math:`g^T d` at the start of the last line search.
+        grad_norm: :math:`\\lVert g \\rVert_2` over all parameters at the point the step returned with.
         curvature: :math:`(g_{new} - g_{old})^T d / (\\alpha \\lVert d \\rVert^2)` of the last accepted
             line search, a secant estimate of the curvature along d. A step that satisfies the Wolfe
             curvature condition always gives a positive value, so a negative value appears only after
@@ -96,6 +97,7 @@ class CGStepStats:
     curvature: float
     reason: StopReason
     message: str
+    grad_norm: float = math.nan
 
 
 @dataclass
@@ -110,6 +112,7 @@ class _Progress:
     curvature: float = math.nan
     loss: float = math.nan
     max_grad: float = math.nan
+    grad_norm: float = math.nan
     detail: str = ""
 
 
@@ -474,6 +477,7 @@ class ConjugateGradient(Optimizer):
             measured = self._measure(params, loss)
             progress.loss = measured.loss
             progress.max_grad = measured.max_grad
+            progress.grad_norm = math.sqrt(measured.products.grad_sq) if measured.finite else math.nan
             reason = self._stop_reason(measured, state, options, progress)
             if reason is not None:
                 return reason
@@ -717,4 +721,5 @@ class ConjugateGradient(Optimizer):
             curvature=progress.curvature,
             reason=reason,
             message=message,
+            grad_norm=progress.grad_norm,
         )
