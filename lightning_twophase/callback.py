@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-import warnings
+from dataclasses import replace
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +25,11 @@ from lightning_twophase.checks import (
     validate_arguments,
 )
 from lightning_twophase.detection import Decision, DecisionReason, IntervalStatistics, SwapDetector, make_detector
+from lightning_twophase.batch_policy import DynamicBatchPolicy
+from lightning_twophase.checks import first_train_loader
 from lightning_twophase.lightning_plumbing import build_objective, convert_model_dtype
+from lightning_twophase.safeguard import SwapBackGuard, adam_rate_from_history
+from lightning_twophase.trial import run_cg_trial
 from lightning_twophase.statistics import IntervalAccumulator, total_grad_norm
 from lightning_twophase.swap import (
     ADAM_FAMILY,
@@ -137,6 +141,9 @@ class ConvexitySwitch(Callback):
         cg_dtype: torch.dtype | str | None = None,
         figure_every_n_checks: int = 5,
         seed: int = 0,
+        switch_back_patience: int | None = None,
+        switch_back_margin: float = 1.0,
+        cg_batch_policy: DynamicBatchPolicy | None = None,
     ) -> None:
         cg_dtype = resolve_cg_dtype(cg_dtype)
         validate_arguments(
@@ -161,6 +168,12 @@ class ConvexitySwitch(Callback):
         self.cg_dtype = cg_dtype
         self.figure_every_n_checks = figure_every_n_checks
         self.seed = seed
+        self.switch_back_patience = switch_back_patience
+        self.switch_back_margin = switch_back_margin
+        self.cg_batch_policy = cg_batch_policy
+        if switch_back_patience is not None:
+            # Validates patience and margin now; the window is set at the swap.
+            SwapBackGuard(1, switch_back_patience, switch_back_margin)
 
         self.phase = Phase.ADAM
         self.switch_epoch: int | None = None
@@ -169,6 +182,15 @@ class ConvexitySwitch(Callback):
         self.sample_gradients = 0
         self.history: list[CheckPoint] = []
         self.last_decision: Decision | None = None
+        self.switch_backs: list[dict[str, Any]] = []
+        self.cg_batch_size_used: int | None = None
+
+        self._guard: SwapBackGuard | None = None
+        self._first_phase: dict[str, Any] | None = None
+        self._pending_first_optimizer_state: dict[str, Any] | None = None
+        self._pending_guard_state: dict[str, Any] | None = None
+        self._interval_start_samples = 0
+        self._cg_steps = 0
 
         self._accumulator: IntervalAccumulator | None = None
         self._pending_accumulator_state: dict[str, Any] | None = None
@@ -196,7 +218,9 @@ class ConvexitySwitch(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_fit_start(trainer, adam_family=ADAM_FAMILY, expect_first_phase=self.phase == Phase.ADAM)
-        self._accumulator = IntervalAccumulator(trainer.strategy.root_device)
+        self._accumulator = IntervalAccumulator(
+            trainer.strategy.root_device, track_curvature=self.detector.needs_curvature
+        )
         if self._pending_accumulator_state is not None:
             self._accumulator.load_state_dict(self._pending_accumulator_state, self._parameters(trainer))
             self._pending_accumulator_state = None
@@ -204,6 +228,7 @@ class ConvexitySwitch(Callback):
         if self.phase == Phase.CG:
             # Resuming in the CG phase: rebuild CG now, because Lightning loads the saved
             # optimizer state after on_fit_start into whatever `strategy.optimizers` holds.
+            self._keep_first_phase(trainer)
             self._install_second_phase(trainer, pl_module, announce=False)
 
     @override
@@ -212,6 +237,10 @@ class ConvexitySwitch(Callback):
         self._write_layout(trainer)
         if self.phase == Phase.CG and self._objective is None:
             self._build_objective(trainer)
+        if self.phase == Phase.CG and self._pending_guard_state is not None and self.switch_back_patience is not None:
+            self._arm_guard(trainer)
+            self._guard.load_state_dict(self._pending_guard_state)
+            self._pending_guard_state = None
 
     # ------------------------------------------------------------------ Adam phase
 
@@ -230,6 +259,9 @@ class ConvexitySwitch(Callback):
         self.sample_gradients += extract_batch_size(batch) * trainer.world_size
         if self.phase == Phase.CG:
             self._log_cg_step(trainer)
+            self._cg_steps += 1
+            self._maybe_grow_cg_batch(trainer, pl_module)
+            self._maybe_swap_back(trainer, pl_module)
             return
 
         loss = self._batch_loss(trainer, outputs)
@@ -268,7 +300,19 @@ class ConvexitySwitch(Callback):
             "history": [vars(point) for point in self.history],
             "accumulator": accumulator,
             "cg_dtype": str(self.cg_dtype) if self.cg_dtype is not None else None,
+            "switch_backs": list(self.switch_backs),
+            "guard": self._guard.state_dict() if self._guard is not None else None,
+            "first_optimizer_state": self._first_optimizer_state(),
+            "cg_batch_size_used": self.cg_batch_size_used,
+            "interval_start_samples": self._interval_start_samples,
+            "cg_steps": self._cg_steps,
         }
+
+    def _first_optimizer_state(self) -> dict[str, Any] | None:
+        # Only needed to swap back after a resume; costs Adam's two moment buffers per parameter.
+        if self.phase != Phase.CG or self._guard is None or self._first_phase is None:
+            return None
+        return self._first_phase["optimizer"].state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -280,6 +324,12 @@ class ConvexitySwitch(Callback):
         self.detector.load_state_dict(state_dict.get("detector", {}))
         self.history = [CheckPoint(**point) for point in state_dict.get("history", [])]
         self._pending_accumulator_state = state_dict.get("accumulator")
+        self.switch_backs = list(state_dict.get("switch_backs", []))
+        self._pending_guard_state = state_dict.get("guard")
+        self._pending_first_optimizer_state = state_dict.get("first_optimizer_state")
+        self.cg_batch_size_used = state_dict.get("cg_batch_size_used")
+        self._interval_start_samples = state_dict.get("interval_start_samples", 0)
+        self._cg_steps = state_dict.get("cg_steps", 0)
 
     @override
     def on_load_checkpoint(
@@ -302,6 +352,10 @@ class ConvexitySwitch(Callback):
             return
         stats = accumulator.compute(trainer.current_epoch, trainer.global_step)
         accumulator.reset()
+        stats = replace(stats, samples=self.sample_gradients - self._interval_start_samples)
+        if self._swaps_allowed() and self.detector.wants_trial(stats):
+            stats = replace(stats, trial_rate=self._run_trial(trainer, pl_module))
+        self._interval_start_samples = self.sample_gradients
 
         decision = self._decide(trainer, stats)
         self.last_decision = decision
@@ -311,7 +365,7 @@ class ConvexitySwitch(Callback):
             self.history.append(self._point(stats, Phase.ADAM))
 
         self._log_check(trainer, stats)
-        if decision.swap:
+        if decision.swap and self._swaps_allowed():
             self._swap(trainer, pl_module, decision)
         elif len(self.history) % self.figure_every_n_checks == 0:
             self._write_figure(trainer)
@@ -334,7 +388,26 @@ class ConvexitySwitch(Callback):
             loss=stats.loss,
             grad_norm=stats.value(self.detector.statistic),
             phase=int(phase),
+            samples=self.sample_gradients,
         )
+
+    def _swaps_allowed(self) -> bool:
+        # After a swap back the run stays with Adam: the detector fired once on this run and
+        # CG then lost to Adam, so a second swap would most likely repeat the loss.
+        return not self.switch_backs
+
+    def _run_trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        if self._objective is None:
+            self._build_objective(trainer)
+        result = run_cg_trial(
+            self._parameters(trainer),
+            list(pl_module.buffers()),
+            self._objective,
+            samples_spent=lambda: self.sample_gradients,
+            iterations=getattr(self.detector, "trial_iterations", 5),
+            cg_kwargs=self.cg_kwargs,
+        )
+        return result.rate
 
     # ------------------------------------------------------------------ the swap
 
@@ -344,8 +417,11 @@ class ConvexitySwitch(Callback):
         self.switch_reason = decision.message
         self.phase = Phase.CG
         self._warn_dropped(trainer)
+        self._keep_first_phase(trainer)
         self._install_second_phase(trainer, pl_module, announce=True)
-        self._build_objective(trainer)
+        if self._objective is None or self.cg_batch_policy is not None:
+            self._build_objective(trainer)
+        self._arm_guard(trainer)
         if self._accumulator is not None:
             self._accumulator.release()
         self._write_switch_text(trainer)
@@ -360,7 +436,6 @@ class ConvexitySwitch(Callback):
         second = build_second_phase_optimizer(first, self.optimizer_factory, self.cg_kwargs)
         install_optimizer(trainer, second)
         route_step_to(second, self._evaluate_objective)
-        self._objective = None
         if trainer.accumulate_grad_batches != 1:
             trainer.accumulate_grad_batches = 1
 
@@ -369,6 +444,83 @@ class ConvexitySwitch(Callback):
                 f"ConvexitySwitch: swapped {type(first).__name__} for {type(second).__name__} at epoch"
                 f" {self.switch_epoch}, step {self.switch_step}. {self.switch_reason}"
             )
+
+    def _keep_first_phase(self, trainer: pl.Trainer) -> None:
+        """Keep the first optimizer, its schedulers and settings for a later swap back."""
+        first = trainer.optimizers[0]
+        if self._pending_first_optimizer_state is not None:
+            first.load_state_dict(self._pending_first_optimizer_state)
+            self._pending_first_optimizer_state = None
+        self._first_phase = {
+            "optimizer": first,
+            "schedulers": list(trainer.lr_scheduler_configs),
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "precision_plugin": trainer.strategy.precision_plugin,
+            "dtype": self._parameters(trainer)[0].dtype,
+        }
+
+    def _arm_guard(self, trainer: pl.Trainer) -> None:
+        if self.switch_back_patience is None:
+            return
+        window = max(1, len(first_train_loader(trainer.train_dataloader).dataset))
+        self._guard = SwapBackGuard(window, self.switch_back_patience, self.switch_back_margin)
+        adam_points = [(p.loss, p.samples) for p in self.history if p.phase == int(Phase.ADAM)]
+        loss = adam_points[-1][0] if adam_points else float("nan")
+        self._guard.start(adam_rate_from_history(adam_points), loss, self.sample_gradients)
+
+    def _maybe_swap_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._guard is None or self._objective is None or self._objective.last_loss is None:
+            return
+        verdict = self._guard.update(self._objective.last_loss, self.sample_gradients)
+        if verdict.swap_back:
+            self._swap_back(trainer, pl_module, verdict.message)
+
+    def _swap_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
+        first = self._first_phase
+        if first is None:
+            rank_zero_warn(f"ConvexitySwitch: cannot swap back to Adam, its state was not kept. {reason}")
+            self._guard = None
+            return
+
+        if first["dtype"] != self._parameters(trainer)[0].dtype:
+            pl_module.to(first["dtype"])
+            trainer.strategy.precision_plugin = first["precision_plugin"]
+        install_optimizer(trainer, first["optimizer"])
+        trainer.strategy.lr_scheduler_configs = first["schedulers"]
+        trainer.accumulate_grad_batches = first["accumulate_grad_batches"]
+
+        self.phase = Phase.ADAM
+        self.switch_backs.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "reason": reason})
+        self._guard = None
+        self._first_phase = None
+        self._interval_start_samples = self.sample_gradients
+        self._log_metrics(trainer, {TAG.PHASE: float(Phase.ADAM)})
+        rank_zero_info(
+            f"ConvexitySwitch: swapped back to {type(first['optimizer']).__name__} at epoch {trainer.current_epoch},"
+            f" step {trainer.global_step}. {reason}"
+        )
+        self._write_switch_back_text(trainer, reason)
+        self._flush(trainer)
+
+    def _maybe_grow_cg_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        policy = self.cg_batch_policy
+        if policy is None or self._objective is None or self._cg_steps % policy.test_every != 0:
+            return
+        dataset_size = len(first_train_loader(trainer.train_dataloader).dataset)
+        current = self.cg_batch_size_used or dataset_size
+        if current >= dataset_size:
+            return
+
+        estimate = self._objective.gradient_variance(world_size=trainer.world_size)
+        size = policy.next_size(estimate, dataset_size)
+        self._log_metrics(trainer, {TAG.CG_BATCH_SIZE: float(size)})
+        if size > current:
+            self.cg_batch_size_used = size
+            self._build_objective(trainer)
+            # The objective changed, so a CG direction built on the old one is meaningless.
+            second = build_second_phase_optimizer(trainer.optimizers[0], self.optimizer_factory, self.cg_kwargs)
+            install_optimizer(trainer, second)
+            route_step_to(second, self._evaluate_objective)
 
     def _evaluate_objective(self) -> Tensor:
         if self._objective is None:
@@ -381,13 +533,17 @@ class ConvexitySwitch(Callback):
         def count(local_samples: int) -> None:
             self.sample_gradients += local_samples * world
 
+        size = self.cg_batch_size
+        if self.cg_batch_policy is not None:
+            size = self.cg_batch_size_used or self.cg_batch_policy.initial_size
         self._objective = build_objective(
             trainer,
-            cg_batch_size=self.cg_batch_size,
+            cg_batch_size=size,
             micro_batch_size=self.cg_micro_batch_size,
             seed=self.seed,
             count_samples=count,
         )
+        self.cg_batch_size_used = size
 
     def _warn_dropped(self, trainer: pl.Trainer) -> None:
         first = trainer.optimizers[0]
@@ -436,7 +592,10 @@ class ConvexitySwitch(Callback):
         if norm is None:
             grads = [p.grad for p in self._parameters(trainer) if p.grad is not None]
             norm = float(total_grad_norm(grads)) if grads else float("nan")
-        self.history.append(CheckPoint(trainer.global_step, trainer.current_epoch, float(stats.loss), norm, int(Phase.CG)))
+        point = CheckPoint(
+            trainer.global_step, trainer.current_epoch, float(stats.loss), norm, int(Phase.CG), self.sample_gradients
+        )
+        self.history.append(point)
         self._log_metrics(trainer, {TAG.GRAD_NORM: norm})
         if len(self.history) % self.figure_every_n_checks == 0:
             self._write_figure(trainer)
@@ -516,6 +675,13 @@ class ConvexitySwitch(Callback):
             return
         text = panels.switch_text(point, self.detector.running_max, self.switch_reason or "", self.detector.statistic)
         writer.add_text(TAG.SWITCH, text, global_step=trainer.global_step)
+
+    def _write_switch_back_text(self, trainer: pl.Trainer, reason: str) -> None:
+        writer = self._tensorboard(trainer)
+        if writer is None:
+            return
+        text = f"**Swapped back to Adam** at epoch {trainer.current_epoch}, global step {trainer.global_step}.\n\n{reason}"
+        writer.add_text(TAG.SWITCH_BACK, text, global_step=trainer.global_step)
 
     def _flush(self, trainer: pl.Trainer) -> None:
         writer = self._tensorboard(trainer)

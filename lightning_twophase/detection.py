@@ -43,6 +43,14 @@ class IntervalStatistics:
             cancels most mini-batch noise, which inflates per-batch norms by about
             ``sqrt(trace(Cov) / batch_size)``.
         batches: Number of optimizer steps that contributed.
+        samples: Sample gradients spent in the interval, over all ranks.
+        curvature: Secant curvature along the interval's mean update,
+            :math:`(\\bar g_k - \\bar g_{k-1})^\\top \\Delta\\theta / \\lVert \\Delta\\theta \\rVert^2` with
+            :math:`\\bar g_k` the interval's mean gradient and :math:`\\Delta\\theta` the change of the
+            interval's mean parameters, in loss units per squared parameter units; ``None`` unless
+            the detector asks for it.
+        trial_rate: Decrease of the log loss per sample gradient in a short CG trial run at the
+            end of the interval; ``None`` unless the detector asked for a trial.
     """
 
     epoch: int
@@ -51,6 +59,9 @@ class IntervalStatistics:
     grad_norm_batch_mean: float
     grad_norm_of_mean: float
     batches: int
+    samples: int = 0
+    curvature: float | None = None
+    trial_rate: float | None = None
 
     def value(self, statistic: str) -> float:
         """Return the gradient-norm statistic named ``statistic``."""
@@ -69,6 +80,7 @@ class DecisionReason(enum.Enum):
     ABOVE_THRESHOLD = "above threshold"
     WAITING_PATIENCE = "below threshold, waiting for patience"
     NON_FINITE = "non-finite statistics skipped"
+    NO_EVIDENCE = "no evidence of convexity yet"
     SWAP = "swap"
 
 
@@ -97,9 +109,17 @@ class SwapDetector(ABC):
     #: Which gradient-norm statistic of :class:`IntervalStatistics` the detector reads.
     statistic: str = "grad_norm_of_mean"
 
+    #: Whether :class:`IntervalStatistics.curvature` must be measured (costs two extra
+    #: parameter-sized buffers in the accumulator).
+    needs_curvature: bool = False
+
     @abstractmethod
     def update(self, stats: IntervalStatistics) -> Decision:
         """Consume one interval's statistics and decide whether to swap."""
+
+    def wants_trial(self, stats: IntervalStatistics) -> bool:
+        """Return whether the caller should run a CG trial and fill ``stats.trial_rate``."""
+        return False
 
     @property
     def threshold(self) -> float | None:
@@ -316,6 +336,7 @@ def make_detector(
     """
     if isinstance(detector, SwapDetector):
         return detector
+    import lightning_twophase.detectors  # noqa: F401  (registers the evidence-based detectors)
     if not isinstance(detector, str):
         raise TypeError(
             f"Invalid detector: {detector!r}. Pass a name ({', '.join(DETECTORS)}) or a SwapDetector instance."

@@ -26,6 +26,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+from lightning_twophase.batch_policy import VarianceEstimate, estimate_gradient_variance
+
 __all__ = ["FixedBatchObjective", "MicroBatchSource", "build_micro_batch_source", "choose_cg_indices"]
 
 
@@ -243,6 +245,29 @@ class FixedBatchObjective:
             self.count_samples(samples)
         return self.reduce_mean(loss_sum)
 
+    def gradient_variance(self, world_size: int = 1) -> VarianceEstimate:
+        """Estimate the per-sample gradient variance of the CG batch from its micro-batches.
+
+        Costs one pass over the CG batch, counted like an evaluation, and leaves ``.grad``
+        cleared; the evaluation cache is dropped.
+        """
+        def gradient_of(raw: Any) -> tuple[list[Tensor], int]:
+            self.zero_grad()
+            batch = self.prepare_batch(raw)
+            with torch.enable_grad():
+                self.backward(_loss_of(self.training_step(batch, 0)))
+            params = self.params() if self.params is not None else []
+            grads = [p.grad.detach() for p in params if p.grad is not None]
+            return grads, _size_of(batch)
+
+        estimate = estimate_gradient_variance(list(self.source), gradient_of, world_size)
+        self.zero_grad()
+        self._cache = None
+        self._cache_key = None
+        if self.count_samples is not None:
+            self.count_samples(estimate.batch_size // max(world_size, 1))
+        return estimate
+
     @property
     def last_loss(self) -> float | None:
         """Loss of the most recent evaluation (reduced over ranks), or ``None`` before the first."""
@@ -281,3 +306,9 @@ def _batch_size(batch: Any, source: MicroBatchSource, index: int) -> int:
 
     return extract_batch_size(batch)
 
+
+
+def _size_of(batch: Any) -> int:
+    from lightning.pytorch.utilities.data import extract_batch_size
+
+    return extract_batch_size(batch)

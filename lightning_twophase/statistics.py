@@ -32,41 +32,53 @@ class IntervalAccumulator:
     """Accumulates loss, per-batch gradient norm and the summed gradient of one interval.
 
     Memory: one buffer the size of the parameters (the summed gradient), plus two scalars
-    per aggregator.
+    per aggregator. With ``track_curvature`` three more: the summed parameters and the
+    previous interval's mean gradient and mean parameters.
 
     Args:
         device: Device of the aggregators; use the strategy's root device.
+        track_curvature: Also measure the secant curvature between consecutive intervals,
+            :math:`(\\bar g_k - \\bar g_{k-1})^\\top \\Delta\\bar\\theta / \\lVert \\Delta\\bar\\theta \\rVert^2`.
     """
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", track_curvature: bool = False) -> None:
         self.loss = MeanMetric(nan_strategy="disable").to(device)
         self.grad_norm = MeanMetric(nan_strategy="disable").to(device)
+        self.track_curvature = track_curvature
         self._grad_sum: list[Tensor] | None = None
+        self._param_sum: list[Tensor] | None = None
+        self._previous: tuple[list[Tensor], list[Tensor]] | None = None
         self._indices: list[int] | None = None
         self.batches = 0
 
     def update_gradients(self, params: Iterable[Tensor]) -> None:
         """Add the current ``.grad`` of ``params`` to the interval (call once per optimizer step)."""
+        params = list(params)
         indices = [i for i, p in enumerate(params) if p.grad is not None]
         if not indices:
             return
-        params = list(params)
         grads = [params[i].grad.detach() for i in indices]
 
         self.grad_norm.update(total_grad_norm(grads))
 
-        if self._grad_sum is None or self._indices != indices:
-            self._start_grad_sum(indices, grads)
+        missing_param_sum = self.track_curvature and self._param_sum is None
+        if self._grad_sum is None or self._indices != indices or missing_param_sum:
+            self._start_grad_sum(indices, grads, params)
         else:
             torch._foreach_add_(self._grad_sum, grads)
+            if self.track_curvature:
+                torch._foreach_add_(self._param_sum, [params[i].detach() for i in indices])
         self.batches += 1
 
-    def _start_grad_sum(self, indices: list[int], grads: list[Tensor]) -> None:
+    def _start_grad_sum(self, indices: list[int], grads: list[Tensor], params: list[Tensor]) -> None:
         # A changed set of parameters with gradients restarts the sum, so that every buffer
         # covers the same steps; the step count restarts with it.
         self.batches = 0
         self._indices = indices
         self._grad_sum = [g.clone() for g in grads]
+        self._previous = None
+        if self.track_curvature:
+            self._param_sum = [params[i].detach().clone() for i in indices]
 
     def update_loss(self, loss: Tensor) -> None:
         """Add one batch's training loss (a device scalar) to the interval."""
@@ -90,7 +102,25 @@ class IntervalAccumulator:
             grad_norm_batch_mean=values[1],
             grad_norm_of_mean=values[2],
             batches=self.batches,
+            curvature=self._secant_curvature() if self.track_curvature else None,
         )
+
+    def _secant_curvature(self) -> float | None:
+        """Return the secant curvature against the previous interval and remember this one."""
+        if self._grad_sum is None or self._param_sum is None or self.batches == 0:
+            return None
+        mean_grad = torch._foreach_div(self._grad_sum, self.batches)
+        mean_param = torch._foreach_div(self._param_sum, self.batches)
+        previous, self._previous = self._previous, (mean_grad, mean_param)
+        if previous is None:
+            return None
+
+        grad_change = torch._foreach_sub(mean_grad, previous[0])
+        param_change = torch._foreach_sub(mean_param, previous[1])
+        numerator = torch.stack([(a * b).sum() for a, b in zip(grad_change, param_change)]).sum()
+        denominator = torch.stack([(b * b).sum() for b in param_change]).sum()
+        values = torch.stack([numerator, denominator]).tolist()
+        return values[0] / values[1] if values[1] > 0.0 else None
 
     def reset(self) -> None:
         """Start a new interval; the summed-gradient buffers are kept and zeroed."""
@@ -98,12 +128,16 @@ class IntervalAccumulator:
         self.grad_norm.reset()
         if self._grad_sum is not None:
             torch._foreach_zero_(self._grad_sum)
+        if self._param_sum is not None:
+            torch._foreach_zero_(self._param_sum)
         self.batches = 0
 
     def release(self) -> None:
         """Free the summed-gradient buffers (after the swap they are not needed)."""
         self.reset()
         self._grad_sum = None
+        self._param_sum = None
+        self._previous = None
         self._indices = None
 
     def state_dict(self) -> dict[str, Any]:

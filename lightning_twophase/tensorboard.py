@@ -45,8 +45,10 @@ class TAG:
     CG_BETA = "twophase/cg/beta"
     CG_CURVATURE = "twophase/cg/curvature"
     CG_RESTARTED = "twophase/cg/restarted"
+    CG_BATCH_SIZE = "twophase/cg/batch_size"
     FIGURE = "twophase/grad_norm_vs_loss"
     SWITCH = "twophase/switch"
+    SWITCH_BACK = "twophase/switch_back"
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class CheckPoint:
         loss: Loss (mini-batch mean in the Adam phase, CG-batch objective in the CG phase).
         grad_norm: Watched gradient-norm statistic.
         phase: 0 for Adam, 1 for CG.
+        samples: Sample gradients spent up to this point, over all ranks.
     """
 
     step: int
@@ -66,6 +69,7 @@ class CheckPoint:
     loss: float
     grad_norm: float
     phase: int
+    samples: int = 0
 
 
 def custom_scalars_layout() -> dict:

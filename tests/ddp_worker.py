@@ -56,7 +56,8 @@ def main() -> None:
         features=64, classes=10, hidden=16, lr=0.01, dataset=digits_dataset(args.samples),
         batch_size=args.batch_size,
     )
-    switch = ConvexitySwitch(min_epochs=2, cg_micro_batch_size=128, cg_kwargs={"max_iter": 3})
+    # The swap back to Adam is off, so that the run stays in the CG phase whose DDP behaviour is tested.
+    switch = ConvexitySwitch(min_epochs=2, cg_micro_batch_size=128, cg_kwargs={"max_iter": 3}, switch_back_patience=None)
     strategy = "ddp" if args.devices > 1 else "auto"
     trainer = make_trainer(max_epochs=args.max_epochs, devices=args.devices, strategy=strategy, callbacks=[switch])
     trainer.fit(model)

@@ -31,6 +31,7 @@ __all__ = [
     "make_trainer",
     "parameter_snapshot",
     "assert_parameters_unchanged",
+    "history_without_samples",
     "fit_logged_two_phase_run",
     "limit_cpu_threads",
 ]
@@ -96,7 +97,7 @@ class StreamDataset(IterableDataset):
 
 
 def make_loader(dataset: Any, batch_size: int = 32, shuffle: bool | None = None) -> DataLoader:
-    """Return a single-process ``DataLoader``; map-style data is shuffled unless told otherwise."""
+    """Return a single-process ``DataLoader``; map-style data is shuffled unless ``shuffle`` is given."""
     if shuffle is None:
         shuffle = not isinstance(dataset, IterableDataset)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0)
@@ -128,6 +129,10 @@ class TinyClassifier(L.LightningModule):
             label noise, so the training loss stays well above 0.
         batch_size: Training batch size.
         iterable: Wrap the training data in :class:`StreamDataset`.
+
+    Attributes:
+        training_steps: Calls of ``training_step``, including those of CG-phase evaluations.
+        step_losses: The loss of every ``training_step`` call, in call order.
     """
 
     def __init__(
@@ -164,6 +169,7 @@ class TinyClassifier(L.LightningModule):
         self.batch_size = batch_size
         self.iterable = iterable
         self.training_steps = 0
+        self.step_losses: list[float] = []
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.output_layer(torch.tanh(self.hidden_layer(inputs)))
@@ -178,6 +184,7 @@ class TinyClassifier(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         self.training_steps += 1
         loss = self.loss(batch)
+        self.step_losses.append(float(loss.detach()))
         self.log("train_loss", self.logged_loss_scale * loss)
         if not self.automatic_optimization:
             return self._manual_step(loss)
@@ -361,3 +368,13 @@ def fit_logged_two_phase_run(save_dir: Path | str, name: str = "tiny", max_epoch
     trainer = make_trainer(max_epochs=max_epochs, callbacks=[switch], logger=logger, **trainer_kwargs)
     trainer.fit(TinyClassifier())
     return switch
+
+
+def history_without_samples(switch: Any) -> list[dict[str, Any]]:
+    """Return a ConvexitySwitch's check history as dicts without the ``samples`` counts.
+
+    A run resumed in the CG phase evaluates the CG batch once more than the uninterrupted
+    run (the objective's cache of its last evaluation is not checkpointed), so only the
+    sample counts differ.
+    """
+    return [{key: value for key, value in vars(point).items() if key != "samples"} for point in switch.history]

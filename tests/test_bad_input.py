@@ -148,7 +148,7 @@ def test_float16_amp_rejected():
 def test_sharding_strategy_rejected():
     """A sharding strategy splits parameter tensors across ranks, so the CG phase cannot run.
 
-    Lightning 2.6 refuses to build a Trainer with ``FSDPStrategy`` on a CPU accelerator, so the
+    Lightning 2.6 rejects a Trainer with ``FSDPStrategy`` on a CPU accelerator, so the
     test calls ``check_setup`` directly with a real ``FSDPStrategy`` object in place of the
     trainer's strategy. The ``SimpleNamespace`` carries only the attributes ``check_setup``
     reads.

@@ -11,7 +11,7 @@ from lightning_twophase.detection import DecisionReason, IntervalStatistics, Pea
 
 
 def stats(norm: float, step: int = 0, loss: float = 1.0, batch_norm: float | None = None) -> IntervalStatistics:
-    """Return one interval whose two gradient-norm statistics are ``norm`` unless told otherwise."""
+    """Return one interval whose two gradient-norm statistics are ``norm``, unless ``batch_norm`` is given."""
     return IntervalStatistics(
         epoch=step,
         step=step,

@@ -144,10 +144,12 @@ def test_image_served(server: Server) -> None:
 
 
 def test_switch_text_served(server: Server) -> None:
+    # SummaryWriter.add_text stores the entry under "<tag>/text_summary".
+    text_tag = f"{TAG.SWITCH}/text_summary"
     tags = server.get_json("/data/plugin/text/tags")
-    assert TAG.SWITCH in tags[RUN]
+    assert text_tag in tags[RUN]
 
-    entries = server.get_json("/data/plugin/text/text", run=RUN, tag=TAG.SWITCH)
+    entries = server.get_json("/data/plugin/text/text", run=RUN, tag=text_tag)
 
     assert len(entries) == 1
     assert "Swapped Adam for CG" in entries[0]["text"]
