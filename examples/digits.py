@@ -105,9 +105,10 @@ def main() -> None:
 
     final_loss = switch.history[-1].loss if switch.history else float("nan")
     print()
-    if switch.switched:
-        print(f"Swapped Adam for {type(trainer.optimizers[0]).__name__} at epoch {switch.switch_epoch},"
-              f" step {switch.switch_step}.")
+    if switch.switch_epoch is not None:
+        print(f"Swapped Adam for conjugate gradient at epoch {switch.switch_epoch}, step {switch.switch_step}.")
+        for back in switch.switch_backs:
+            print(f"Swapped back to Adam at epoch {back['epoch']}, step {back['step']}: {back['reason']}")
     else:
         print("No swap happened: the gradient norm never fell below the threshold. Try more epochs.")
     print(f"Final training loss on the CG batch: {final_loss:.3e}")

@@ -575,8 +575,9 @@ class ConvexitySwitch(Callback):
             if value is None:
                 available = ", ".join(sorted(trainer.callback_metrics)) or "none"
                 raise ValueError(
-                    f"Invalid monitor: {self.monitor!r} was not logged by training_step. Available metrics:"
-                    f" {available}. Log it with self.log({self.monitor!r}, ...) or pass monitor=None."
+                    f"Invalid monitor: {self.monitor!r} was not logged in this training step. Available metrics:"
+                    f" {available}. Log it every step with self.log({self.monitor!r}, ..., on_step=True)"
+                    " or pass monitor=None."
                 )
             return value
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs

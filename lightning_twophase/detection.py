@@ -73,7 +73,7 @@ class IntervalStatistics:
 
 
 class DecisionReason(enum.Enum):
-    """Why a detector did or did not request the swap."""
+    """Reason for a detector's decision to swap or to wait."""
 
     WARMUP = "warm-up"
     RISING = "rising"

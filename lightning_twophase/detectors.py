@@ -1,7 +1,8 @@
 r"""Swap detectors that look for evidence of convexity, or for CG being cheaper, before swapping.
 
-The paper's rule (:class:`~lightning_twophase.detection.PeakRatioDetector`) fires as soon as the
-gradient norm has fallen 10% below its peak, which can be long before CG beats mini-batch Adam.
+The rule of Hrycej et al. (arXiv:2510.25366, 2025), implemented as
+:class:`~lightning_twophase.detection.PeakRatioDetector`, fires as soon as the gradient norm has
+fallen 10% below its peak, which can be long before CG beats mini-batch Adam.
 The detectors here wait for stronger evidence:
 
 * :class:`LogSlopeDetector`: in a Polyak-Lojasiewicz region the gradient norm falls with the

@@ -141,13 +141,25 @@ class IntervalAccumulator:
         self._indices = None
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the partial interval so that a mid-interval checkpoint resumes exactly."""
+        """Return the partial interval and the buffers, so that a checkpoint resumes exactly.
+
+        The summed-gradient buffers are saved even between intervals (zeroed), because a
+        restored accumulator without them would restart its sums and, with
+        ``track_curvature``, forget the previous interval's means.
+        """
         state: dict[str, Any] = {"batches": self.batches}
-        if self.batches > 0 and self._grad_sum is not None:
+        if self._grad_sum is None:
+            return state
+
+        state["indices"] = list(self._indices or [])
+        state["grad_sum"] = [t.clone() for t in self._grad_sum]
+        if self.batches > 0:
             state["loss_sums"] = (self.loss.mean_value.clone(), self.loss.weight.clone())
             state["norm_sums"] = (self.grad_norm.mean_value.clone(), self.grad_norm.weight.clone())
-            state["indices"] = list(self._indices or [])
-            state["grad_sum"] = [t.clone() for t in self._grad_sum]
+        if self._param_sum is not None:
+            state["param_sum"] = [t.clone() for t in self._param_sum]
+        if self._previous is not None:
+            state["previous"] = tuple([t.clone() for t in part] for part in self._previous)
         return state
 
     def load_state_dict(self, state: dict[str, Any], params: Sequence[Tensor]) -> None:
@@ -157,7 +169,20 @@ class IntervalAccumulator:
         :meth:`update_gradients`.
         """
         self.release()
-        if state.get("batches", 0) == 0 or "grad_sum" not in state:
+        if "grad_sum" not in state:
+            return
+
+        params = list(params)
+        self._indices = list(state["indices"])
+        devices = [params[i].device for i in self._indices]
+        self._grad_sum = [t.to(device) for t, device in zip(state["grad_sum"], devices)]
+        if "param_sum" in state:
+            self._param_sum = [t.to(device) for t, device in zip(state["param_sum"], devices)]
+        if "previous" in state:
+            grads, values = state["previous"]
+            self._previous = ([t.to(d) for t, d in zip(grads, devices)], [t.to(d) for t, d in zip(values, devices)])
+        self.batches = state["batches"]
+        if self.batches == 0:
             return
 
         for metric, (weighted_sum, weight) in ((self.loss, state["loss_sums"]), (self.grad_norm, state["norm_sums"])):
@@ -167,8 +192,3 @@ class IntervalAccumulator:
             metric.update(torch.zeros((), device=metric.mean_value.device))
             metric.mean_value.copy_(weighted_sum)
             metric.weight.copy_(weight)
-
-        params = list(params)
-        self._indices = list(state["indices"])
-        self._grad_sum = [t.to(params[i].device) for t, i in zip(state["grad_sum"], self._indices)]
-        self.batches = state["batches"]

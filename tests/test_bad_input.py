@@ -189,5 +189,26 @@ def test_unknown_monitor_lists_available_keys():
 
     message = str(raised.value)
     assert "Available metrics: train_loss." in message
-    assert "self.log('train_los', ...)" in message
+    assert "self.log('train_los', ..., on_step=True)" in message
+    assert trainer.global_step == 1
+
+
+def test_epoch_only_monitor_rejected():
+    """A metric logged with ``on_step=False`` has no per-batch value for the interval mean.
+
+    During epoch 0 Lightning has no value for it at all, and later it would return the previous
+    epoch's mean. The first batch therefore raises with the fix ``on_step=True``.
+    """
+
+    class EpochLogged(TinyClassifier):
+        def training_step(self, batch, batch_idx):
+            loss = self.loss(batch)
+            self.log("epoch_loss", loss, on_step=False, on_epoch=True)
+            return loss
+
+    trainer = make_trainer(max_epochs=1, callbacks=[ConvexitySwitch(monitor="epoch_loss")])
+
+    with pytest.raises(ValueError, match=r"Invalid monitor: 'epoch_loss' was not logged in this training step"):
+        trainer.fit(EpochLogged())
+
     assert trainer.global_step == 1

@@ -175,3 +175,33 @@ def test_accumulator_round_trip_keeps_weights() -> None:
     actual = restored.compute(epoch=0, step=4)
     assert actual.loss == pytest.approx(4.0)
     assert actual == expected
+
+
+def _feed(accumulators: list[IntervalAccumulator], param: torch.nn.Parameter, values: list[float]) -> None:
+    for value in values:
+        with torch.no_grad():
+            param.add_(0.1 * value)
+        param.grad = torch.full((3,), value) + param.detach()
+        for accumulator in accumulators:
+            accumulator.update_gradients([param])
+            accumulator.update_loss(torch.tensor(value))
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["between_intervals", "mid_interval"])
+def test_accumulator_round_trip_keeps_curvature(partial: bool) -> None:
+    param = torch.nn.Parameter(torch.zeros(3))
+    original = IntervalAccumulator(track_curvature=True)
+    _feed([original], param, [1.0, 2.0, 3.0])
+    original.compute(epoch=0, step=3)
+    original.reset()
+    if partial:
+        _feed([original], param, [4.0])
+
+    restored = IntervalAccumulator(track_curvature=True)
+    restored.load_state_dict(original.state_dict(), [param])
+    _feed([original, restored], param, [5.0, 6.0])
+
+    expected = original.compute(epoch=1, step=6)
+    actual = restored.compute(epoch=1, step=6)
+    assert expected.curvature is not None
+    assert actual == expected
