@@ -68,7 +68,10 @@ class RunSpec:
 
 @dataclass
 class RunResult:
-    """Curves and summary of one run. Each row of ``points`` is ``[samples, wall_s, train_loss]``."""
+    """Curves and summary of one run. Each row of ``points`` is ``[samples, wall_s, train_loss]``.
+
+    ``switch_samples`` is the count after the first CG-phase step, so it includes that step.
+    """
 
     spec: RunSpec
     train_size: int

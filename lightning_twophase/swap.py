@@ -15,6 +15,7 @@ __all__ = [
     "ADAM_FAMILY",
     "OptimizerFactory",
     "build_second_phase_optimizer",
+    "adam_preconditioner",
     "dropped_settings",
     "install_optimizer",
     "route_step_to",
@@ -37,16 +38,42 @@ def build_second_phase_optimizer(
     first: Optimizer,
     factory: OptimizerFactory | None = None,
     cg_kwargs: dict[str, Any] | None = None,
+    preconditioner: list[torch.Tensor] | None = None,
 ) -> Optimizer:
     """Build the second-phase optimizer over the same parameters and groups as ``first``.
 
     Only the parameter lists are carried over: the first phase's learning rates, betas and
-    weight decay do not apply to a line-search method.
+    weight decay do not apply to a line-search method. ``preconditioner`` is passed to
+    ``ConjugateGradient`` and ignored by a ``factory``.
     """
     groups = [{"params": list(group["params"])} for group in first.param_groups]
     if factory is not None:
         return factory(groups)
-    return ConjugateGradient(groups, **(cg_kwargs or {}))
+    return ConjugateGradient(groups, **(cg_kwargs or {}), preconditioner=preconditioner)
+
+
+def adam_preconditioner(first: Optimizer) -> list[torch.Tensor] | None:
+    r"""Return Adam's diagonal scaling :math:`D = 1 / (\sqrt{\hat v} + \epsilon)` per parameter.
+
+    :math:`\hat v = v / (1 - \beta_2^t)` is the bias-corrected second-moment estimate. Parameters
+    that Adam never stepped get :math:`D = 1`. Returns ``None`` when ``first`` keeps no second
+    moments (it is not from the Adam family, or it never stepped).
+    """
+    scales, found = [], False
+    for group in first.param_groups:
+        beta2 = group.get("betas", (0.9, 0.999))[1]
+        eps = group.get("eps", 1e-8)
+        for param in group["params"]:
+            state = first.state.get(param, {})
+            second_moment = state.get("exp_avg_sq")
+            if second_moment is None:
+                scales.append(torch.ones_like(param))
+                continue
+            found = True
+            step = float(state.get("step", 1))
+            corrected = second_moment / (1.0 - beta2**step)
+            scales.append(1.0 / (corrected.sqrt() + eps))
+    return scales if found else None
 
 
 def dropped_settings(first: Optimizer) -> list[str]:

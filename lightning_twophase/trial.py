@@ -1,7 +1,8 @@
 r"""Short CG trials from a copy of the parameters, for cost-aware swap decisions.
 
 A trial runs a few CG iterations on the CG-batch objective, measures how fast the log loss
-falls per sample gradient, then puts the parameters and module buffers back exactly. The
+falls per sample gradient, then puts the parameters, module buffers and the global random
+generators (CPU and the parameters' CUDA devices) back exactly. The
 samples it spends are counted by the objective like any other evaluation.
 """
 
@@ -74,7 +75,11 @@ def run_cg_trial(
     options = {**(cg_kwargs or {}), "max_iter": iterations}
     options.pop("max_eval", None)
     optimizer = ConjugateGradient([{"params": params}], **options)
-    loss_before = float(optimizer.step(objective))
+    # Every DataLoader iteration draws a seed from the global generator, and dropout draws
+    # more, so without the fork the trial would change the next epoch's shuffle.
+    cuda_devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda_devices):
+        loss_before = float(optimizer.step(objective))
     stats = optimizer.last_stats
     loss_after = float(stats.loss) if stats is not None else loss_before
     spent = samples_spent() - start

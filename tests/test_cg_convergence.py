@@ -129,3 +129,38 @@ def test_converged_change_stops():
     optimizer = ConjugateGradient([x], max_iter=100, tolerance_grad=0.0, tolerance_change=1e-3)
     optimizer.step(make_closure(optimizer, x, lambda v: (v**2).sum() + 0.01 * (v**4).sum()))
     assert optimizer.last_stats.reason == StopReason.CONVERGED_CHANGE
+
+
+def test_jacobi_preconditioner_speeds_up_badly_scaled_quadratic():
+    """A diagonal preconditioner D = diag(A)^-1 makes a badly scaled diagonal quadratic trivial."""
+    torch.manual_seed(0)
+    scales = torch.logspace(0, 4, 30, dtype=torch.float64)
+
+    def iterations_to_converge(preconditioner):
+        x = torch.nn.Parameter(torch.ones(30, dtype=torch.float64))
+        optimizer = ConjugateGradient(
+            [x], max_iter=500, max_eval=5000, tolerance_grad=1e-8, preconditioner=preconditioner
+        )
+
+        def closure():
+            optimizer.zero_grad()
+            loss = 0.5 * (scales * x * x).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        assert optimizer.last_stats.reason.value == "converged_grad"
+        return optimizer.state[x]["n_iter"]
+
+    plain = iterations_to_converge(None)
+    jacobi = iterations_to_converge([1.0 / scales])
+    assert jacobi <= 2
+    assert plain > 5 * jacobi
+
+
+def test_preconditioner_shape_mismatch_rejected():
+    x = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="Invalid preconditioner for parameter 0: shape"):
+        ConjugateGradient([x], preconditioner=[torch.ones(4)])
+    with pytest.raises(ValueError, match="entries must be finite and > 0"):
+        ConjugateGradient([x], preconditioner=[torch.zeros(3)])

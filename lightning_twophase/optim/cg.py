@@ -2,7 +2,7 @@
 
 import enum
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -289,6 +289,14 @@ class ConjugateGradient(Optimizer):
     :math:`\alpha_{k-1} \, g_{k-1}^T d_{k-1} / g_k^T d_k` (Nocedal and Wright, eq. 3.60), kept within
     [1e-3, 100] times :math:`\alpha_{k-1}`.
 
+    With a diagonal preconditioner :math:`D` (``preconditioner``), the iteration is CG in the
+    variables :math:`D^{-1/2} x`: the direction becomes :math:`d_{k+1} = -D g_{k+1} + \beta_k d_k`
+    and every inner product of gradients in the beta formulas and Powell's test is taken in the
+    :math:`D` metric (:math:`g^T g \to g^T D g`, :math:`g^T y \to (D g)^T y`,
+    :math:`y^T y \to y^T D y`, :math:`d^T d \to d^T D^{-1} d`). Adam's second-moment estimate gives
+    such a :math:`D = 1 / (\sqrt{\hat v} + \epsilon)`; the reported ``curvature`` is then measured
+    in the :math:`D^{-1}` norm of :math:`d`.
+
     The direction, the previous gradient and the scalar run state (iteration count, previous step,
     previous :math:`g^T d`, evaluation count) live in the optimizer state, so repeated ``step``
     calls continue one conjugate-gradient run and ``state_dict`` carries it. Each ``step`` first
@@ -330,6 +338,8 @@ class ConjugateGradient(Optimizer):
         c2: curvature constant, ``c1 < c2 < 1``. None selects 0.1 for 'strong_wolfe' and 0.9 for
             'hager_zhang'.
         powell_threshold: Powell's restart threshold; None disables the test.
+        preconditioner: optional diagonal preconditioner :math:`D`, one positive tensor per
+            parameter (see :meth:`set_preconditioner`).
 
     Raises:
         ValueError: for an invalid argument, parameter groups with different hyperparameters, or
@@ -364,6 +374,7 @@ class ConjugateGradient(Optimizer):
         c1: float = 1e-4,
         c2: float | None = None,
         powell_threshold: float | None = 0.5,
+        preconditioner: Sequence[Tensor] | None = None,
     ) -> None:
         if c2 is None:
             c2 = DEFAULT_C2.get(line_search, DEFAULT_C2["strong_wolfe"])
@@ -389,6 +400,48 @@ class ConjugateGradient(Optimizer):
         super().__init__(params, defaults)
         self._check_param_groups()
         self.last_stats: CGStepStats | None = None
+        if preconditioner is not None:
+            self.set_preconditioner(preconditioner)
+
+    def set_preconditioner(self, preconditioner: Sequence[Tensor] | None) -> None:
+        """Set the diagonal preconditioner :math:`D`, one positive tensor per parameter, or remove it.
+
+        The tensors are copied into the per-parameter state, so ``state_dict`` carries them. The
+        CG direction restarts, because the metric of all inner products changes.
+
+        Raises:
+            ValueError: On a count or shape that does not match the parameters, or a
+                non-positive or non-finite entry.
+        """
+        params = self._params()
+        if preconditioner is None:
+            for param in params:
+                self.state[param].pop("preconditioner", None)
+            self._run_state()["restart_pending"] = True
+            return
+
+        scales = list(preconditioner)
+        if len(scales) != len(params):
+            raise ValueError(
+                f"Invalid preconditioner: {len(scales)} tensors for {len(params)} parameters. Pass one tensor"
+                " per parameter, in parameter-group order."
+            )
+        for index, (param, scale) in enumerate(zip(params, scales)):
+            if scale.shape != param.shape:
+                raise ValueError(
+                    f"Invalid preconditioner for parameter {index}: shape {tuple(scale.shape)}, expected"
+                    f" {tuple(param.shape)}."
+                )
+            if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+                raise ValueError(f"Invalid preconditioner for parameter {index}: entries must be finite and > 0.")
+            self.state[param]["preconditioner"] = scale.detach().to(param.dtype).clone()
+        self._run_state()["restart_pending"] = True
+
+    def _preconditioned(self, params: list[Tensor], tensors: list[Tensor]) -> list[Tensor]:
+        """Return :math:`D t` for each tensor, or ``tensors`` itself without a preconditioner."""
+        if "preconditioner" not in self.state[params[0]]:
+            return tensors
+        return torch._foreach_mul(tensors, [self.state[param]["preconditioner"] for param in params])
 
     def _params(self) -> list[Tensor]:
         return [param for group in self.param_groups for param in group["params"]]
@@ -502,8 +555,15 @@ class ConjugateGradient(Optimizer):
         previous = [self.state[param]["previous_grad"] for param in params] if has_direction else grads
 
         diffs = torch._foreach_sub(grads, previous)
-        products = _dots([(grads, grads), (grads, diffs), (directions, diffs), (diffs, diffs),
-                          (grads, directions), (directions, directions)], device)
+        scaled_grads = self._preconditioned(params, grads)
+        scaled_diffs = self._preconditioned(params, diffs)
+        # In the preconditioned metric, d^T D^-1 d; D^-1 d equals -g after a restart.
+        unscaled_directions = directions
+        if scaled_grads is not grads:
+            inverse = [1.0 / self.state[param]["preconditioner"] for param in params]
+            unscaled_directions = torch._foreach_mul(directions, inverse)
+        products = _dots([(grads, scaled_grads), (scaled_grads, diffs), (directions, diffs), (diffs, scaled_diffs),
+                          (grads, directions), (directions, unscaled_directions)], device)
         extremes = torch.stack([_max_abs(grads, device), _max_abs(directions, device)])
         values = torch.cat([_loss_scalar(loss, params[0]).reshape(1), extremes, products]).tolist()
         del diffs
@@ -577,7 +637,7 @@ class ConjugateGradient(Optimizer):
         if not restart and not slope <= -SUFFICIENT_DESCENT * products.grad_sq:
             restart, beta, slope = True, 0.0, -products.grad_sq
 
-        grads = _gradients(params)
+        grads = self._preconditioned(params, _gradients(params))
         directions = self._buffers(params, "direction")
         if restart:
             torch._foreach_copy_(directions, grads)
