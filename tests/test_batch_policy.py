@@ -184,13 +184,13 @@ def test_objective_gradient_variance_matches_direct():
     assert objective.last_loss is not None
 
     estimate = objective.gradient_variance()
+    assert all(p.grad is None for p in model.parameters())
+    assert objective.last_loss is None, "the evaluation cache must be dropped"
     direct = estimate_gradient_variance(split(inputs, targets, 4), micro_batch_gradient(model))
 
     assert estimate.variance_l1 == pytest.approx(direct.variance_l1, rel=1e-12)
     assert estimate.grad_norm_sq == pytest.approx(direct.grad_norm_sq, rel=1e-12)
     assert counted == [64, 64]
-    assert all(p.grad is None for p in model.parameters())
-    assert objective.last_loss is None, "the evaluation cache must be dropped"
 
 
 # ---------------------------------------------------------------------- growth in a Trainer

@@ -149,13 +149,14 @@ def test_jacobi_preconditioner_speeds_up_badly_scaled_quadratic():
             return loss
 
         optimizer.step(closure)
-        assert optimizer.last_stats.reason.value == "converged_grad"
-        return optimizer.state[x]["n_iter"]
+        return optimizer.state[x]["n_iter"], optimizer.last_stats
 
-    plain = iterations_to_converge(None)
-    jacobi = iterations_to_converge([1.0 / scales])
+    plain, plain_stats = iterations_to_converge(None)
+    jacobi, jacobi_stats = iterations_to_converge([1.0 / scales])
+    assert jacobi_stats.reason.value == "converged_grad"
     assert jacobi <= 2
     assert plain > 5 * jacobi
+    assert jacobi_stats.loss < plain_stats.loss
 
 
 def test_preconditioner_shape_mismatch_rejected():
