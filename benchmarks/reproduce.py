@@ -87,9 +87,9 @@ class RunResult:
 class BudgetMonitor(Callback):
     """Counts sample-gradient evaluations, records the full training loss, stops at the budget.
 
-    With a ``ConvexitySwitch`` the count is its ``sample_gradients`` (line-search evaluations
-    on the CG batch included); without one, the monitor adds the batch size of every training
-    step. A CG-phase step costs several passes over the CG batch, so the last step may overrun
+    With a ``ConvexitySwitch`` the count is its ``sample_gradients``, which includes the
+    line-search evaluations on the CG batch. Without one, the monitor adds the batch size of
+    every training step. A CG-phase step costs several passes over the CG batch, so the last step may overrun
     the budget; the summary reads losses at or below the budget only.
 
     Args:

@@ -124,9 +124,10 @@ def pair_table(summary: dict[str, dict[str, Any]]) -> list[str]:
         if method not in summary:
             continue
         row = summary[method]
+        fraction = "-" if method == BASELINE else _fraction_text(row)
         lines.append(
             f"| {LABELS[method]} | {row['loss_mean']:.2e} ({row['loss_min']:.1e}-{row['loss_max']:.1e}) |"
-            f" {row['ratio']:.2g} | {row['accuracy_mean']:.1f} ({row['accuracy_std']:.1f}) | {_fraction_text(row)} |"
+            f" {row['ratio']:.2g} | {row['accuracy_mean']:.1f} ({row['accuracy_std']:.1f}) | {fraction} |"
             f" {_swap_text(row)} | {row['wall_s']:.0f} |"
         )
     return lines

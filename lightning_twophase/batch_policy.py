@@ -11,9 +11,10 @@ a descent direction for the full objective with high probability, which they tes
 
 with the per-sample gradient variance taken coordinate-wise. When the test fails the sample
 grows to :math:`|S| = \lVert \operatorname{Var} \rVert_1 / (\theta^2 \lVert \nabla F_S \rVert^2)`.
-Here the variance is estimated from the micro-batch gradients :math:`m_j` of the CG batch,
-each a mean over :math:`b_j` samples: :math:`\operatorname{Var}(\nabla \ell_i) \approx
-\bar b \cdot \operatorname{Var}_j(m_j)`.
+Here the variance is estimated from the :math:`J` micro-batch gradients :math:`m_j` of the
+CG batch, each a mean over :math:`b_j` samples, around the CG-batch gradient :math:`\bar m`:
+:math:`\operatorname{Var}(\nabla \ell_i) \approx \sum_j b_j (m_j - \bar m)^2 / (J - 1)`,
+which is unbiased for i.i.d. samples whatever the :math:`b_j`.
 """
 
 from __future__ import annotations
@@ -111,11 +112,11 @@ def estimate_gradient_variance(
     for batch in micro_batches:
         grads, size = gradient_of(batch)
         if total is None:
-            total = [g.detach().clone() for g in grads]
-            squares = [g.detach() * g.detach() for g in grads]
+            total = [g.detach() * size for g in grads]
+            squares = [g.detach() * g.detach() * size for g in grads]
         else:
-            torch._foreach_add_(total, grads)
-            torch._foreach_addcmul_(squares, grads, grads)
+            torch._foreach_add_(total, grads, alpha=size)
+            torch._foreach_addcmul_(squares, grads, grads, value=size)
         count += 1
         samples += size
         sizes.append(size)
@@ -125,15 +126,15 @@ def estimate_gradient_variance(
             f"Invalid CG batch for the variance test: {count} micro-batch(es). Use a CG batch of at least two"
             " micro-batches (initial_size >= 2 * micro-batch size)."
         )
-    mean = torch._foreach_div(total, count)
-    # Unbiased variance over micro-batches, coordinate-wise: (sum m^2 - count * mean^2) / (count - 1).
-    spread = torch._foreach_sub(squares, torch._foreach_mul(torch._foreach_mul(mean, mean), count))
+    # Size-weighted: with m the CG-batch gradient, sum_j b_j (m_j - m)^2 = sum_j b_j m_j^2 - samples * m^2
+    # has expectation (count - 1) Var(grad l_i) per coordinate, also when the last micro-batch is short.
+    mean = torch._foreach_div(total, samples)
+    spread = torch._foreach_sub(squares, torch._foreach_mul(torch._foreach_mul(mean, mean), samples))
     variance_sum = torch.stack([s.sum() for s in spread]).sum() / (count - 1)
     grad_norm_sq = torch.stack([(m * m).sum() for m in mean]).sum()
 
-    micro_size = (samples / count) * world_size
     return VarianceEstimate(
-        variance_l1=float(variance_sum.clamp_min(0.0)) * micro_size,
+        variance_l1=float(variance_sum.clamp_min(0.0)) * world_size,
         grad_norm_sq=float(grad_norm_sq),
         batch_size=samples * world_size,
     )

@@ -462,7 +462,9 @@ class ConvexitySwitch(Callback):
     def _arm_guard(self, trainer: pl.Trainer) -> None:
         if self.switch_back_patience is None:
             return
-        window = max(1, len(first_train_loader(trainer.train_dataloader).dataset))
+        dataset = first_train_loader(trainer.train_dataloader).dataset
+        # An IterableDataset has no length, so its CG batch (cg_batch_size, required there) sets the window.
+        window = max(1, len(dataset) if hasattr(dataset, "__len__") else (self.cg_batch_size or 1))
         self._guard = SwapBackGuard(window, self.switch_back_patience, self.switch_back_margin)
         adam_points = [(p.loss, p.samples) for p in self.history if p.phase == int(Phase.ADAM)]
         loss = adam_points[-1][0] if adam_points else float("nan")

@@ -90,7 +90,9 @@ def test_secant_negative_on_saddle():
 
 
 def test_curvature_off_by_default():
-    records, _ = run_sgd_intervals(quadratic_matrix([1.0, 2.0, 3.0, 4.0, 5.0]), intervals=2, steps=3, lr=0.05, track=False)
+    matrix = quadratic_matrix([1.0, 2.0, 3.0, 4.0, 5.0])
+
+    records, _ = run_sgd_intervals(matrix, intervals=2, steps=3, lr=0.05, track=False)
 
     assert records[1].curvature is None
 
@@ -111,3 +113,45 @@ def test_release_forgets_previous_interval():
         accumulator.release()
 
     assert first.curvature is None
+
+
+def sgd_steps(
+    params: list[torch.Tensor], matrix: torch.Tensor, accumulators: list[IntervalAccumulator], steps: int
+) -> None:
+    """Take ``steps`` SGD steps on the quadratic, recording each gradient in every accumulator."""
+    for _ in range(steps):
+        theta = torch.cat(params)
+        loss = 0.5 * theta @ matrix @ theta
+        for param in params:
+            param.grad = None
+        loss.backward()
+        for accumulator in accumulators:
+            accumulator.update_gradients(params)
+            accumulator.update_loss(loss)
+        with torch.no_grad():
+            for param in params:
+                param -= 0.05 * param.grad
+
+
+@pytest.mark.parametrize("steps_before_save", [0, 2], ids=["interval_boundary", "mid_interval"])
+def test_state_round_trip_keeps_curvature(steps_before_save):
+    # A checkpoint at the end of an interval (the usual epoch-end case) or inside one must give
+    # the same next curvature as the uninterrupted accumulator.
+    matrix = quadratic_matrix([0.5, 1.0, 2.0, 4.0, 8.0])
+    params = [torch.ones(n, dtype=torch.float64, requires_grad=True) for n in SPLIT]
+    original = IntervalAccumulator(track_curvature=True)
+    sgd_steps(params, matrix, [original], 4)
+    original.compute(0, 4)
+    original.reset()
+    sgd_steps(params, matrix, [original], steps_before_save)
+
+    restored = IntervalAccumulator(track_curvature=True)
+    restored.load_state_dict(original.state_dict(), params)
+    sgd_steps(params, matrix, [original, restored], 4 - steps_before_save)
+    expected = original.compute(1, 8)
+    actual = restored.compute(1, 8)
+
+    assert expected.curvature is not None
+    assert actual.curvature == pytest.approx(expected.curvature, rel=1e-12)
+    assert actual.batches == expected.batches == 4
+    assert actual.loss == pytest.approx(expected.loss, rel=1e-6)

@@ -276,15 +276,15 @@ def test_curvature_missing_value_resets_streak():
 
 def cost_aware_check(detector: CostAwareDetector, record: IntervalStatistics, trial_rate: float | None):
     """Run one check as the callback does: ask for a trial, then update with its rate."""
-    wanted = detector.wants_trial(record)
-    if wanted:
+    requested = detector.wants_trial(record)
+    if requested:
         record = IntervalStatistics(**{**vars(record), "trial_rate": trial_rate})
-    return wanted, detector.update(record)
+    return requested, detector.update(record)
 
 
 def test_adam_rate_hand_computed():
-    # Losses 1, e^-1, e^-3 after 100 sample gradients each: over 3 intervals the log loss fell by 3
-    # in 200 samples (the first point only anchors the window); over 1 interval by 2 in 100.
+    # Losses 1, e^-1, e^-3 after 100 sample gradients each. Over 3 intervals the log loss fell by 3
+    # in 200 samples, because the first point only anchors the window. Over 1 interval it fell by 2 in 100.
     wide = CostAwareDetector(window=3)
     narrow = CostAwareDetector(window=1)
     for loss in (1.0, math.exp(-1.0), math.exp(-3.0)):
@@ -306,10 +306,10 @@ def test_adam_rate_needs_two_points():
 
 def test_trial_only_after_peak_and_every_n():
     detector = CostAwareDetector(trial_every=3, margin=1e9)
-    wanted = [cost_aware_check(detector, stats(norm), trial_rate=0.0)[0] for norm in (1.0, 2.0, 3.0)]
-    wanted += [cost_aware_check(detector, stats(2.0), trial_rate=0.0)[0] for _ in range(7)]
+    requested = [cost_aware_check(detector, stats(norm), trial_rate=0.0)[0] for norm in (1.0, 2.0, 3.0)]
+    requested += [cost_aware_check(detector, stats(2.0), trial_rate=0.0)[0] for _ in range(7)]
 
-    assert wanted == [False, False, False, True, False, False, True, False, False, True]
+    assert requested == [False, False, False, True, False, False, True, False, False, True]
 
 
 def test_cost_aware_swaps_at_margin():
@@ -320,10 +320,11 @@ def test_cost_aware_swaps_at_margin():
             cost_aware_check(detector, stats(norm, loss=loss), trial_rate)
         return [cost_aware_check(detector, stats(1.5, loss=math.exp(-2.0)), trial_rate)]
 
-    (wanted_low, losing), = run(0.0199)
-    (wanted_high, winning), = run(0.0201)
+    (requested_low, losing), = run(0.0199)
+    (requested_high, winning), = run(0.0201)
 
-    assert wanted_low and wanted_high
+    assert requested_low
+    assert requested_high
     assert not losing.swap
     assert losing.reason == DecisionReason.NO_EVIDENCE
     assert winning.swap
@@ -336,7 +337,7 @@ def test_cost_aware_patience_counts_trials():
 
     checks = [cost_aware_check(detector, stats(1.0, loss=0.9), trial_rate=1.0) for _ in range(4)]
 
-    assert [wanted for wanted, _ in checks] == [True, False, True, False]
+    assert [requested for requested, _ in checks] == [True, False, True, False]
     assert [d.swap for _, d in checks] == [False, False, True, True]
     assert checks[1][1].reason == DecisionReason.WAITING_PATIENCE
 

@@ -147,7 +147,8 @@ def test_guard_state_round_trip():
     continued = original.update(loss=losing_loss(losing_loss(1.0)), samples=1200)
     resumed = restored.update(loss=losing_loss(losing_loss(1.0)), samples=1200)
 
-    assert resumed.swap_back and continued.swap_back
+    assert resumed.swap_back
+    assert continued.swap_back
     assert resumed.message == continued.message
     assert restored.state_dict() == original.state_dict()
 
@@ -169,7 +170,10 @@ def test_guard_invalid_arguments(kwargs, message):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"switch_back_patience": 0}, "Invalid switch_back_patience: 0"), ({"switch_back_patience": 1, "switch_back_margin": -1.0}, "Invalid switch_back_margin: -1.0")],
+    [
+        ({"switch_back_patience": 0}, "Invalid switch_back_patience: 0"),
+        ({"switch_back_patience": 1, "switch_back_margin": -1.0}, "Invalid switch_back_margin: -1.0"),
+    ],
 )
 def test_callback_validates_guard_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -194,8 +198,8 @@ def assert_same_state(actual: dict, expected: dict) -> None:
 class AdamAtSwap(Callback):
     """Captures the first optimizer and its state at the end of ``epoch``; place it before the switch.
 
-    Lightning runs callbacks in list order, so the capture sees the optimizer the switch is about
-    to replace.
+    Lightning runs callbacks in list order, so the capture reads the optimizer that the switch is
+    about to replace.
     """
 
     def __init__(self, epoch: int) -> None:
@@ -339,3 +343,20 @@ def test_resume_in_cg_restores_adam_state(tmp_path: Path):
     assert trainer.optimizers[0] is at_swap_back.optimizer
     assert_same_state(at_swap_back.state, at_swap.state)
     assert resumed.phase == Phase.ADAM
+
+
+def test_swap_back_with_iterable_dataset():
+    # An IterableDataset has no length, so the guard's window is the CG batch.
+    L.seed_everything(0, verbose=False)
+    switch = ConvexitySwitch(
+        detector=FixedEpochDetector(epoch=1),
+        cg_batch_size=128,
+        cg_kwargs={"max_iter": 1},
+        switch_back_patience=1,
+        switch_back_margin=1e6,
+    )
+    trainer = make_trainer(max_epochs=3, callbacks=[switch])
+    trainer.fit(TinyClassifier(iterable=True))
+
+    assert len(switch.switch_backs) == 1
+    assert isinstance(trainer.optimizers[0], torch.optim.Adam)

@@ -126,7 +126,7 @@ def test_trial_rate_and_samples():
 
 def test_trial_losses_match_plain_cg():
     model = batch_norm_model()
-    model.eval()  # No dropout or batch statistics, so the copy sees the same function.
+    model.eval()  # No dropout or batch statistics, so the copy evaluates the same function.
     inputs, targets = regression_data()
     reference = copy.deepcopy(model)
     objective = CountingObjective(model, inputs, targets)
@@ -146,7 +146,7 @@ def test_trial_losses_match_plain_cg():
 
 
 def test_trial_restores_global_generator():
-    # The objective's DataLoader and dropout draw from the global generator; a trial that left it
+    # The objective's DataLoader and dropout draw from the global generator. A trial that left it
     # advanced would change the next epoch's shuffle and so Adam's trajectory.
     model = batch_norm_model()
     inputs, targets = regression_data()
@@ -202,7 +202,8 @@ def fit_tiny(detector, epochs: int = 5) -> tuple[ConvexitySwitch, list[dict[str,
 
 def test_trials_leave_adam_trajectory_unchanged():
     # margin 1e9: every post-peak check runs a trial and none wins, so the run stays with Adam.
-    with_trials, trial_params, trial_trainer = fit_tiny(CostAwareDetector(trial_every=1, trial_iterations=2, margin=1e9))
+    detector = CostAwareDetector(trial_every=1, trial_iterations=2, margin=1e9)
+    with_trials, trial_params, trial_trainer = fit_tiny(detector)
     adam_only, adam_params, adam_trainer = fit_tiny(FixedEpochDetector(epoch=1000))
 
     assert not with_trials.switched
