@@ -10,7 +10,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -28,6 +27,7 @@ from lightning_twophase.detection import Decision, DecisionReason, IntervalStati
 from lightning_twophase.batch_policy import DynamicBatchPolicy
 from lightning_twophase.checks import first_train_loader
 from lightning_twophase.lightning_plumbing import build_objective, convert_model_dtype
+from lightning_twophase.run_log import PanelWriter, cg_step_metrics, check_metrics, log_metrics
 from lightning_twophase.safeguard import SwapBackGuard, adam_rate_from_history
 from lightning_twophase.trial import run_cg_trial
 from lightning_twophase.statistics import IntervalAccumulator, total_grad_norm
@@ -195,7 +195,7 @@ class ConvexitySwitch(Callback):
         self._accumulator: IntervalAccumulator | None = None
         self._pending_accumulator_state: dict[str, Any] | None = None
         self._objective = None
-        self._layout_written = False
+        self._panels = PanelWriter()
 
     # ------------------------------------------------------------------ public state
 
@@ -484,6 +484,7 @@ class ConvexitySwitch(Callback):
             self._guard = None
             return
 
+        stats = getattr(trainer.optimizers[0], "last_stats", None)
         if first["dtype"] != self._parameters(trainer)[0].dtype:
             pl_module.to(first["dtype"])
             trainer.strategy.precision_plugin = first["precision_plugin"]
@@ -492,7 +493,13 @@ class ConvexitySwitch(Callback):
         trainer.accumulate_grad_batches = first["accumulate_grad_batches"]
 
         self.phase = Phase.ADAM
-        self.switch_backs.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "reason": reason})
+        self.switch_backs.append({
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "reason": reason,
+            "loss": self._objective.last_loss if self._objective is not None else None,
+            "grad_norm": getattr(stats, "grad_norm", None),
+        })
         self._guard = None
         self._first_phase = None
         self._interval_start_samples = self.sample_gradients
@@ -606,64 +613,26 @@ class ConvexitySwitch(Callback):
     # ------------------------------------------------------------------ logging
 
     def _log_metrics(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        log_metrics(trainer, metrics)
 
     def _log_check(self, trainer: pl.Trainer, stats: IntervalStatistics) -> None:
-        metrics = {
-            TAG.LOSS: stats.loss,
-            TAG.GRAD_NORM: stats.value(self.detector.statistic),
-            TAG.GRAD_NORM_BATCH_MEAN: stats.grad_norm_batch_mean,
-            TAG.GRAD_NORM_OF_MEAN: stats.grad_norm_of_mean,
-            TAG.PHASE: float(Phase.ADAM),
-            TAG.SAMPLES: float(self.sample_gradients),
-        }
-        if self.detector.running_max is not None:
-            metrics[TAG.GRAD_NORM_MAX] = self.detector.running_max
-        if self.detector.threshold is not None:
-            metrics[TAG.THRESHOLD] = self.detector.threshold
-        self._log_metrics(trainer, metrics)
+        log_metrics(trainer, check_metrics(stats, self.detector, self.sample_gradients))
 
     def _log_cg_step(self, trainer: pl.Trainer) -> None:
-        optimizer = trainer.optimizers[0]
-        stats = getattr(optimizer, "last_stats", None)
-        metrics = {TAG.PHASE: float(Phase.CG), TAG.SAMPLES: float(self.sample_gradients)}
+        stats = getattr(trainer.optimizers[0], "last_stats", None)
         last_loss = self._objective.last_loss if self._objective is not None else None
-        if last_loss is not None:
-            metrics[TAG.LOSS] = last_loss
-        if stats is not None:
-            metrics.update({
-                TAG.LOSS: float(stats.loss),
-                TAG.CG_STEP_SIZE: float(stats.step_size),
-                TAG.CG_EVALUATIONS: float(stats.evaluations),
-                TAG.CG_BETA: float(stats.beta),
-                TAG.CG_CURVATURE: float(stats.curvature),
-                TAG.CG_RESTARTED: float(stats.restarted),
-            })
-        self._log_metrics(trainer, metrics)
-
-    def _tensorboard(self, trainer: pl.Trainer):
-        if not trainer.is_global_zero:
-            return None
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                return logger.experiment
-        return None
+        log_metrics(trainer, cg_step_metrics(stats, last_loss, self.sample_gradients))
 
     def _write_layout(self, trainer: pl.Trainer) -> None:
-        writer = self._tensorboard(trainer)
-        if writer is not None and not self._layout_written:
-            writer.add_custom_scalars(panels.custom_scalars_layout())
-            self._layout_written = True
+        self._panels.layout(trainer)
 
     def _write_figure(self, trainer: pl.Trainer) -> None:
-        writer = self._tensorboard(trainer)
-        if writer is None or not self.history:
-            return
-        switch = next((p for p in self.history if p.phase == int(Phase.CG)), None)
-        switch_point = self._switch_point()
-        figure = panels.render_norm_vs_loss(self.history, switch_point or switch, self.detector.threshold)
-        writer.add_figure(TAG.FIGURE, figure, global_step=trainer.global_step, close=True)
+        backs = [
+            CheckPoint(back["step"], back["epoch"], back["loss"], back["grad_norm"], int(Phase.CG))
+            for back in self.switch_backs
+            if back.get("loss") is not None and back.get("grad_norm") is not None
+        ]
+        self._panels.figure(trainer, self.history, self._switch_point(), self.detector.threshold, backs)
 
     def _switch_point(self) -> CheckPoint | None:
         if self.switch_step is None:
@@ -672,24 +641,18 @@ class ConvexitySwitch(Callback):
         return adam[-1] if adam else None
 
     def _write_switch_text(self, trainer: pl.Trainer) -> None:
-        writer = self._tensorboard(trainer)
         point = self._switch_point()
-        if writer is None or point is None:
+        if point is None:
             return
         text = panels.switch_text(point, self.detector.running_max, self.switch_reason or "", self.detector.statistic)
-        writer.add_text(TAG.SWITCH, text, global_step=trainer.global_step)
+        self._panels.text(trainer, TAG.SWITCH, text)
 
     def _write_switch_back_text(self, trainer: pl.Trainer, reason: str) -> None:
-        writer = self._tensorboard(trainer)
-        if writer is None:
-            return
         text = f"**Swapped back to Adam** at epoch {trainer.current_epoch}, global step {trainer.global_step}.\n\n{reason}"
-        writer.add_text(TAG.SWITCH_BACK, text, global_step=trainer.global_step)
+        self._panels.text(trainer, TAG.SWITCH_BACK, text)
 
     def _flush(self, trainer: pl.Trainer) -> None:
-        writer = self._tensorboard(trainer)
-        if writer is not None:
-            writer.flush()
+        self._panels.flush(trainer)
 
     def _show_phase(self, trainer: pl.Trainer) -> None:
         bar = trainer.progress_bar_callback
