@@ -233,7 +233,7 @@ class ConvexitySwitch(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        check_cg_dataset(trainer, self.cg_batch_size)
+        check_cg_dataset(trainer, self.cg_batch_size, has_batch_policy=self.cg_batch_policy is not None)
         self._write_layout(trainer)
         if self.phase == Phase.CG and self._objective is None:
             self._build_objective(trainer)
@@ -469,6 +469,11 @@ class ConvexitySwitch(Callback):
         adam_points = [(p.loss, p.samples) for p in self.history if p.phase == int(Phase.ADAM)]
         loss = adam_points[-1][0] if adam_points else float("nan")
         self._guard.start(adam_rate_from_history(adam_points), loss, self.sample_gradients)
+        if not self._guard.armed:
+            rank_zero_warn(
+                "ConvexitySwitch: the swap-back guard is off for this run, because the Adam phase had fewer than"
+                " two checks with a falling loss to measure its rate. Raise min_epochs to keep it."
+            )
 
     def _maybe_swap_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._guard is None or self._objective is None or self._objective.last_loss is None:
@@ -545,6 +550,7 @@ class ConvexitySwitch(Callback):
         size = self.cg_batch_size
         if self.cg_batch_policy is not None:
             size = self.cg_batch_size_used or self.cg_batch_policy.initial_size
+            size = min(size, len(first_train_loader(trainer.train_dataloader).dataset))
         self._objective = build_objective(
             trainer,
             cg_batch_size=size,

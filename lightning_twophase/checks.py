@@ -136,8 +136,11 @@ def check_fit_start(trainer: pl.Trainer, adam_family: tuple[type, ...], expect_f
         )
 
 
-def check_cg_dataset(trainer: pl.Trainer, cg_batch_size: int | None) -> None:
-    """Reject ``cg_batch_size=None`` (the whole set) for an iterable dataset of unknown length.
+def check_cg_dataset(trainer: pl.Trainer, cg_batch_size: int | None, has_batch_policy: bool = False) -> None:
+    """Reject CG-batch settings that need the length of an iterable dataset.
+
+    ``cg_batch_size=None`` (the whole set) and a growing CG batch both need the number of
+    training samples, which an ``IterableDataset`` does not have.
 
     Raises:
         ValueError: With the fix, before the first training step.
@@ -150,6 +153,11 @@ def check_cg_dataset(trainer: pl.Trainer, cg_batch_size: int | None) -> None:
         raise ValueError(
             "Invalid cg_batch_size: None (the whole training set) with an IterableDataset of unknown length."
             " Pass ConvexitySwitch(cg_batch_size=N) with the number of samples per CG evaluation."
+        )
+    if isinstance(loader.dataset, IterableDataset) and has_batch_policy:
+        raise ValueError(
+            "Invalid cg_batch_policy with an IterableDataset: a growing CG batch needs the number of training"
+            " samples. Pass cg_batch_policy=None and a fixed cg_batch_size instead."
         )
 
 

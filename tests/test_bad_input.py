@@ -21,6 +21,7 @@ from helpers import (
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 
+from lightning_twophase.batch_policy import DynamicBatchPolicy
 from lightning_twophase import ConvexitySwitch
 from lightning_twophase.checks import check_fit_start, check_setup
 from lightning_twophase.swap import ADAM_FAMILY
@@ -125,6 +126,14 @@ def test_iterable_without_cg_batch_size_rejected():
 
     assert "IterableDataset" in message
     assert "ConvexitySwitch(cg_batch_size=N)" in message
+
+
+def test_iterable_with_batch_policy_rejected():
+    switch = ConvexitySwitch(cg_batch_size=64, cg_batch_policy=DynamicBatchPolicy(initial_size=32))
+    message = fit_expecting_error(TinyClassifier(iterable=True), switch, match="Invalid cg_batch_policy")
+
+    assert "IterableDataset" in message
+    assert "cg_batch_policy=None" in message
 
 
 def test_float16_amp_rejected():
