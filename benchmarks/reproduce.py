@@ -18,7 +18,7 @@ a Markdown table to ``<out>/reproduce.md`` and plots to ``<out>/*.png``.
 
 Usage::
 
-    python benchmarks/reproduce.py --jobs 2             # full run (about 30 minutes on 2 cores)
+    python benchmarks/reproduce.py --jobs 2             # full run (25 minutes on 2 shared cores)
     python benchmarks/reproduce.py --quick --out /tmp/q  # smoke run, well under a minute
 """
 
@@ -252,10 +252,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--budget-epochs",
         type=float,
         nargs="+",
-        default=[150.0, 100.0],
-        help="budget in epochs of the training set, one value or one per data set (default 150 100)",
+        default=[100.0, 40.0],
+        help="budget in epochs of the training set, one value or one per data set (default 100 40)",
     )
-    parser.add_argument("--points", type=int, default=40, help="recorded loss points per run (default 40)")
+    parser.add_argument("--points", type=int, default=25, help="recorded loss points per run (default 25)")
     parser.add_argument("--cg-max-iter", type=int, default=5, help="CG (and L-BFGS) iterations per step (default 5)")
     parser.add_argument("--fixed-fraction", type=float, default=0.3, help="fixed swap epoch as a budget fraction")
     args = parser.parse_args(argv)
