@@ -10,16 +10,26 @@ backward, line-search evaluations included), expressed in epochs of the training
   after the swap;
 * ``adam_cg_fixed``: CG after a swap at a fixed epoch (``--fixed-fraction`` of the budget);
 * ``adam_cg_iter1``: as ``adam_cg`` with one CG iteration per Lightning step instead of
-  ``--cg-max-iter``.
+  ``--cg-max-iter``;
+* ``adam_cg_log_slope``, ``adam_cg_curvature``, ``adam_cg_cost_aware``: CG after the swap chosen
+  by ``LogSlopeDetector``, ``CurvatureDetector`` or ``CostAwareDetector`` with their defaults;
+* ``adam_cg_cost_aware_sparse``: ``CostAwareDetector(trial_every=10, trial_iterations=3)``, whose
+  CG trials cost less of the budget;
+* ``adam_cg_guard``, ``adam_cg_cost_aware_guard``: the paper's rule or the cost-aware detector,
+  plus the swap-back guard (``switch_back_patience=2``, ``switch_back_margin=1.0``);
+* ``adam_cg_dynamic``: the paper's rule, then CG on a batch that starts at
+  ``min(512, N // 4)`` samples and grows by ``DynamicBatchPolicy``'s variance test.
 
 At regular points of the budget the full training-set loss is evaluated without gradients
 (not counted in the budget, and not in the wall time). Results go to ``<out>/reproduce.json``,
-a Markdown table to ``<out>/reproduce.md`` and plots to ``<out>/*.png``.
+Markdown tables to ``<out>/reproduce.md`` and plots to ``--images`` (``docs/img`` when ``--out``
+is left at its default, else ``<out>``).
 
 Usage::
 
     python benchmarks/reproduce.py --jobs 2             # full run (25 minutes on 2 shared cores)
     python benchmarks/reproduce.py --quick --out /tmp/q  # smoke run, well under a minute
+    python benchmarks/reproduce.py --jobs 2 --methods adam adam_cg adam_cg_log_slope --out /tmp/d
 """
 
 from __future__ import annotations
@@ -45,11 +55,29 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.utilities.data import extract_batch_size  # noqa: E402
 
 from lightning_twophase import ConvexitySwitch  # noqa: E402
+from lightning_twophase.batch_policy import DynamicBatchPolicy  # noqa: E402
 from lightning_twophase.detection import FixedEpochDetector  # noqa: E402
+from lightning_twophase.detectors import CostAwareDetector, CurvatureDetector, LogSlopeDetector  # noqa: E402
 from tasks import DATASETS, MODELS, Task, build_model, load_task  # noqa: E402
 
-METHODS = ("adam", "adam_cg", "adam_lbfgs", "adam_cg_fixed", "adam_cg_iter1")
+DETECTOR_METHODS = (
+    "adam_cg_log_slope",
+    "adam_cg_curvature",
+    "adam_cg_cost_aware",
+    "adam_cg_cost_aware_sparse",
+    "adam_cg_guard",
+    "adam_cg_cost_aware_guard",
+    "adam_cg_dynamic",
+)
+METHODS = ("adam", "adam_cg", "adam_lbfgs", "adam_cg_fixed", "adam_cg_iter1", *DETECTOR_METHODS)
 DEFAULT_METHODS = ("adam", "adam_cg", "adam_lbfgs", "adam_cg_fixed")
+RESULTS = Path(__file__).parent / "results"
+DOCS_IMAGES = Path(__file__).parents[1] / "docs" / "img"
+
+#: Patience of the swap-back guard: CG must lose two consecutive windows of one epoch each.
+GUARD_PATIENCE = 2
+#: First CG batch of ``adam_cg_dynamic``: this many samples, at most a quarter of the training set.
+DYNAMIC_INITIAL_SIZE = 512
 
 
 @dataclass
@@ -70,7 +98,9 @@ class RunSpec:
 class RunResult:
     """Curves and summary of one run. Each row of ``points`` is ``[samples, wall_s, train_loss]``.
 
-    ``switch_samples`` is the count after the first CG-phase step, so it includes that step.
+    ``switch_samples`` is the sample-gradient count at the moment of the swap, before any CG step
+    (a cost-aware detector's CG trials before the swap included). ``switch_back_epochs`` lists
+    the epochs at which the swap-back guard returned to Adam.
     """
 
     spec: RunSpec
@@ -80,6 +110,7 @@ class RunResult:
     val_accuracy: float = float("nan")
     switch_epoch: int | None = None
     switch_samples: int | None = None
+    switch_back_epochs: list[int] = field(default_factory=list)
     history: list[list[float]] = field(default_factory=list)
     wall_s: float = 0.0
 
@@ -126,10 +157,18 @@ class BudgetMonitor(Callback):
         self._start = time.perf_counter()
         self._record(pl_module)
 
+    def _note_swap(self) -> None:
+        # The switch is listed first, so its hooks have run when this one runs. A swap at an
+        # epoch end is seen here before the first CG step, one at a step end in that step's hook.
+        if self.switch is not None and self.switch.switch_epoch is not None and self.switch_samples is None:
+            self.switch_samples = self._count()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._note_swap()
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.samples += extract_batch_size(batch)
-        if self.switch is not None and self.switch.switched and self.switch_samples is None:
-            self.switch_samples = self._count()
+        self._note_swap()
 
         count = self._count()
         if count >= self.next_point or count >= self.budget:
@@ -138,9 +177,33 @@ class BudgetMonitor(Callback):
             trainer.should_stop = True
 
 
-def _second_phase(spec: RunSpec) -> ConvexitySwitch | None:
+def _detector_switch(spec: RunSpec, train_size: int) -> ConvexitySwitch:
+    cg_kwargs = {"max_iter": spec.cg_max_iter}
+    detectors = {
+        "adam_cg_log_slope": LogSlopeDetector,
+        "adam_cg_curvature": CurvatureDetector,
+        "adam_cg_cost_aware": CostAwareDetector,
+        "adam_cg_cost_aware_guard": CostAwareDetector,
+    }
+    if spec.method in detectors:
+        guard = GUARD_PATIENCE if spec.method.endswith("_guard") else None
+        return ConvexitySwitch(detector=detectors[spec.method](), cg_kwargs=cg_kwargs, switch_back_patience=guard)
+    if spec.method == "adam_cg_cost_aware_sparse":
+        sparse = CostAwareDetector(trial_every=10, trial_iterations=3)
+        return ConvexitySwitch(detector=sparse, cg_kwargs=cg_kwargs)
+    if spec.method == "adam_cg_guard":
+        return ConvexitySwitch(cg_kwargs=cg_kwargs, switch_back_patience=GUARD_PATIENCE)
+    if spec.method == "adam_cg_dynamic":
+        policy = DynamicBatchPolicy(initial_size=min(DYNAMIC_INITIAL_SIZE, train_size // 4))
+        return ConvexitySwitch(cg_kwargs=cg_kwargs, cg_batch_policy=policy)
+    raise ValueError(f"Invalid method: {spec.method!r}. Expected one of {', '.join(METHODS)}.")
+
+
+def _second_phase(spec: RunSpec, train_size: int) -> ConvexitySwitch | None:
     if spec.method == "adam":
         return None
+    if spec.method in DETECTOR_METHODS:
+        return _detector_switch(spec, train_size)
     if spec.method == "adam_cg":
         return ConvexitySwitch(cg_kwargs={"max_iter": spec.cg_max_iter})
     if spec.method == "adam_cg_iter1":
@@ -174,7 +237,7 @@ def run(spec: RunSpec) -> RunResult:
     L.seed_everything(spec.seed, verbose=False)
     model = build_model(spec.model, task, spec.seed)
 
-    switch = _second_phase(spec)
+    switch = _second_phase(spec, train_size)
     monitor = BudgetMonitor(budget, max(1, budget // spec.points), task, switch)
     callbacks = [switch, monitor] if switch is not None else [monitor]
     trainer = L.Trainer(
@@ -199,6 +262,7 @@ def run(spec: RunSpec) -> RunResult:
     if switch is not None:
         result.switch_epoch = switch.switch_epoch
         result.switch_samples = monitor.switch_samples
+        result.switch_back_epochs = [back["epoch"] for back in switch.switch_backs]
         result.history = [[p.epoch, p.loss, p.grad_norm, p.phase] for p in switch.history]
     return result
 
@@ -207,8 +271,10 @@ def _describe(result: RunResult) -> str:
     spec = result.spec
     last = result.points[-1]
     swap = f", swap epoch {result.switch_epoch}" if result.switch_epoch is not None else ""
+    if result.switch_back_epochs:
+        swap += f", swap back at epoch {', '.join(map(str, result.switch_back_epochs))}"
     return (
-        f"{spec.dataset:8s} {spec.model:4s} {spec.method:14s} seed {spec.seed}: loss {last[2]:.3e}"
+        f"{spec.dataset:8s} {spec.model:4s} {spec.method:25s} seed {spec.seed}: loss {last[2]:.3e}"
         f" after {last[0] / result.train_size:.1f} epochs, val acc {100 * result.val_accuracy:.1f}%{swap},"
         f" {result.wall_s:.0f} s"
     )
@@ -241,12 +307,22 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for reproduce.json and reproduce.md")
     parser.add_argument("--quick", action="store_true", help="smoke run: one seed, one model, tiny budgets")
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes, one thread each (default 1)")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        help=f"methods to run (default, also with --quick: {' '.join(DEFAULT_METHODS)})",
+    )
+    parser.add_argument(
+        "--images",
+        type=Path,
+        help="folder for the PNG plots (default: docs/img when --out is left at its default, else --out)",
+    )
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 (default 3)")
     parser.add_argument(
         "--budget-epochs",
@@ -255,6 +331,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[100.0, 40.0],
         help="budget in epochs of the training set, one value or one per data set (default 100 40)",
     )
+    parser.add_argument("--image-prefix", default="reproduce", help="file-name prefix of the plots (default reproduce)")
     parser.add_argument("--points", type=int, default=25, help="recorded loss points per run (default 25)")
     parser.add_argument("--cg-max-iter", type=int, default=5, help="CG (and L-BFGS) iterations per step (default 5)")
     parser.add_argument("--fixed-fraction", type=float, default=0.3, help="fixed swap epoch as a budget fraction")
@@ -262,7 +339,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.datasets, args.models, args.seeds = ["digits"], ["mlp"], 1
         args.budget_epochs, args.points = [8.0], 8
-        args.methods = list(DEFAULT_METHODS)
+    args.methods = args.methods or list(DEFAULT_METHODS)
+    if args.images is None:
+        args.images = DOCS_IMAGES if args.out.resolve() == RESULTS.resolve() else args.out
     return args
 
 
@@ -287,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from reproduce_report import write_outputs
 
-    write_outputs(payload, args.out)
+    write_outputs(payload, args.out, args.images, args.image_prefix)
     print(f"total wall time {payload['wall_s']:.0f} s; results in {args.out}")
 
 

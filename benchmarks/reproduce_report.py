@@ -3,14 +3,20 @@
 Usage::
 
     python benchmarks/reproduce_report.py benchmarks/results/reproduce.json
+    python benchmarks/reproduce_report.py benchmarks/results/detectors/reproduce.json \\
+        benchmarks/results/detectors_vit/reproduce.json --images docs/img --prefix detectors
+
+The runs of all given files are merged. Tables go next to the first file as ``reproduce.md``;
+plots go to ``--images`` (default: that file's folder) as ``<prefix>_<dataset>_loss.png`` and
+``<prefix>_<dataset>_norm_vs_loss.png``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -28,8 +34,28 @@ LABELS = {
     "adam_lbfgs": "Adam+L-BFGS (0.9 x peak)",
     "adam_cg_fixed": "Adam+CG (fixed epoch)",
     "adam_cg_iter1": "Adam+CG, max_iter 1",
+    "adam_cg_log_slope": "Adam+CG (log slope)",
+    "adam_cg_curvature": "Adam+CG (curvature)",
+    "adam_cg_cost_aware": "Adam+CG (cost-aware)",
+    "adam_cg_cost_aware_sparse": "Adam+CG (cost-aware, sparse trials)",
+    "adam_cg_guard": "Adam+CG (0.9 x peak, guard)",
+    "adam_cg_cost_aware_guard": "Adam+CG (cost-aware, guard)",
+    "adam_cg_dynamic": "Adam+CG (0.9 x peak, dynamic batch)",
 }
-COLORS = {"adam": "black", "adam_cg": "tab:blue", "adam_lbfgs": "tab:green", "adam_cg_fixed": "tab:orange", "adam_cg_iter1": "tab:purple"}
+COLORS = {
+    "adam": "black",
+    "adam_cg": "tab:blue",
+    "adam_lbfgs": "tab:green",
+    "adam_cg_fixed": "tab:orange",
+    "adam_cg_iter1": "tab:purple",
+    "adam_cg_log_slope": "tab:red",
+    "adam_cg_curvature": "tab:brown",
+    "adam_cg_cost_aware": "tab:pink",
+    "adam_cg_cost_aware_sparse": "tab:olive",
+    "adam_cg_guard": "tab:cyan",
+    "adam_cg_cost_aware_guard": "tab:gray",
+    "adam_cg_dynamic": "gold",
+}
 
 #: Targets for Adam+CG against Adam: evaluations to reach Adam's final loss, final-loss ratio
 #: at equal budget, and the largest allowed drop in validation accuracy (percentage points).
@@ -37,6 +63,23 @@ TARGET_FRACTION = 1 / 3
 TARGET_RATIO = 10.0
 TARGET_ACCURACY_DROP = 0.5
 TARGET_PAIRS = 4
+
+#: Swap rules compared side by side, each running CG after its swap.
+DETECTOR_METHODS = (
+    "adam_cg",
+    "adam_cg_log_slope",
+    "adam_cg_curvature",
+    "adam_cg_cost_aware",
+    "adam_cg_cost_aware_sparse",
+    "adam_cg_guard",
+    "adam_cg_cost_aware_guard",
+    "adam_cg_dynamic",
+)
+#: Detector targets against Adam: the final loss may be at most this factor above Adam's on
+#: every pair, and must be at least DETECTOR_GAIN times below it on DETECTOR_GAIN_PAIRS pairs.
+DETECTOR_MAX_LOSS_FACTOR = 1.1
+DETECTOR_GAIN = 3.0
+DETECTOR_GAIN_PAIRS = 4
 
 
 def final_loss(run: dict[str, Any]) -> float:
@@ -90,8 +133,10 @@ def summarize(methods: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[s
             "fractions": fractions,
             "fraction_median": statistics.median(fractions) if fractions else math.nan,
             "ratio": _geometric_mean(ratios),
+            "ratios": ratios,
             "accuracy_drop": statistics.fmean(accuracy_drops) if accuracy_drops else math.nan,
             "swap_epochs": [run["switch_epoch"] for run in seeds.values()],
+            "swap_back_epochs": [run.get("switch_back_epochs", []) for run in seeds.values()],
             "wall_s": statistics.fmean(run["wall_s"] for run in seeds.values()),
         }
     return summary
@@ -107,10 +152,15 @@ def _fraction_text(row: dict[str, Any]) -> str:
 
 
 def _swap_text(row: dict[str, Any]) -> str:
+    """Return the swap epoch of each seed, with ``back N`` for a swap back to Adam at epoch N."""
     epochs = row["swap_epochs"]
     if all(e is None for e in epochs):
         return "-"
-    return ", ".join("none" if e is None else str(e) for e in epochs)
+    texts = []
+    for epoch, backs in zip(epochs, row["swap_back_epochs"]):
+        text = "none" if epoch is None else str(epoch)
+        texts.append(text + "".join(f" (back {back})" for back in backs))
+    return ", ".join(texts)
 
 
 def pair_table(summary: dict[str, dict[str, Any]]) -> list[str]:
@@ -154,6 +204,44 @@ def target_rows(groups: dict, summaries: dict) -> tuple[list[str], int]:
             f" {_mark(accurate)} {row['accuracy_drop']:+.1f} | {_mark(fast and low and accurate)} |"
         )
     return lines, met
+
+
+def _detector_cell(row: dict[str, Any]) -> str:
+    return f"{row['ratio']:.3g} [{_swap_text(row)}]"
+
+
+def detector_table(summaries: dict) -> list[str]:
+    """Return one table of the swap rules: loss ratio and swap epochs per pair, then the two targets.
+
+    A cell reads ``ratio [swap epoch per seed]``, with ``ratio`` Adam's final loss over the
+    method's (geometric mean over seeds, higher is better).
+    """
+    methods = [m for m in DETECTOR_METHODS if any(m in summary for summary in summaries.values())]
+    pairs = [key for key in sorted(summaries) if BASELINE in summaries[key]]
+    lines = [
+        "| pair | " + " | ".join(LABELS[m] for m in methods) + " |",
+        "|---" * (len(methods) + 1) + "|",
+    ]
+    for key in pairs:
+        cells = [_detector_cell(summaries[key][m]) if m in summaries[key] else "-" for m in methods]
+        lines.append(f"| {key[0]} {key[1]} | " + " | ".join(cells) + " |")
+
+    floor = 1 / DETECTOR_MAX_LOSS_FACTOR
+    worst, never_worse, gains = [], [], []
+    for method in methods:
+        ratios = [summaries[key][method]["ratio"] for key in pairs if method in summaries[key]]
+        seeds = [r for key in pairs if method in summaries[key] for r in summaries[key][method]["ratios"]]
+        low = min(ratios) if ratios else math.nan
+        worst.append(f"{low:.3g} (one seed: {min(seeds):.3g})" if seeds else "-")
+        never_worse.append(_mark(len(ratios) == len(pairs) and low >= floor))
+        wins = sum(r >= DETECTOR_GAIN for r in ratios)
+        gains.append(f"{_mark(wins >= DETECTOR_GAIN_PAIRS)} ({wins} of {len(ratios)})")
+    lines += [
+        "| lowest ratio over pairs | " + " | ".join(worst) + " |",
+        f"| (a) ratio >= 1/{DETECTOR_MAX_LOSS_FACTOR:g} on every pair | " + " | ".join(never_worse) + " |",
+        f"| (b) ratio >= {DETECTOR_GAIN:g} on >= {DETECTOR_GAIN_PAIRS} pairs | " + " | ".join(gains) + " |",
+    ]
+    return lines
 
 
 def _mark(passed: bool) -> str:
@@ -226,20 +314,54 @@ def render_markdown(payload: dict[str, Any]) -> str:
         f"All three targets met on {met} of {len(targets) - 2} pairs (goal: at least {TARGET_PAIRS}).",
         "",
     ]
+    if any(m in summary for summary in summaries.values() for m in DETECTOR_METHODS[1:]):
+        lines += ["#### Swap detectors side by side", "", *detector_table(summaries), ""]
     return "\n".join(lines)
 
 
-def write_outputs(payload: dict[str, Any], out: Path) -> None:
-    """Write ``reproduce.md`` and the PNG plots into ``out``."""
+def write_outputs(payload: dict[str, Any], out: Path, images: Path | None = None, prefix: str = "reproduce") -> None:
+    """Write ``reproduce.md`` into ``out`` and the PNG plots into ``images`` (default ``out``).
+
+    The documentation links its plots from ``docs/img``, because MkDocs serves only files
+    inside ``docs/``.
+    """
+    images = out if images is None else images
     out.mkdir(parents=True, exist_ok=True)
+    images.mkdir(parents=True, exist_ok=True)
     (out / "reproduce.md").write_text(render_markdown(payload))
     groups = group_runs(payload["runs"])
     for dataset in sorted({key[0] for key in groups}):
-        plot_curves(groups, dataset, out / f"reproduce_{dataset}_loss.png")
-        plot_norm_vs_loss(groups, dataset, out / f"reproduce_{dataset}_norm_vs_loss.png")
+        plot_curves(groups, dataset, images / f"{prefix}_{dataset}_loss.png")
+        plot_norm_vs_loss(groups, dataset, images / f"{prefix}_{dataset}_norm_vs_loss.png")
+
+
+def merge_payloads(sources: list[Path]) -> dict[str, Any]:
+    """Return one payload with the runs of every ``reproduce.json`` in ``sources``."""
+    payloads = [json.loads(source.read_text()) for source in sources]
+    return {
+        "command": " && ".join(payload["command"] for payload in payloads),
+        "wall_s": sum(payload["wall_s"] for payload in payloads),
+        "runs": [run for payload in payloads for run in payload["runs"]],
+    }
+
+
+def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Write the tables and plots of reproduce.json files.")
+    default = Path(__file__).parent / "results" / "reproduce.json"
+    parser.add_argument(
+        "sources",
+        type=Path,
+        nargs="*",
+        default=[default],
+        help="reproduce.json files to read, merged; reproduce.md goes next to the first",
+    )
+    parser.add_argument("--images", type=Path, help="folder for the PNG plots (default: the JSON file's folder)")
+    parser.add_argument("--prefix", default="reproduce", help="file-name prefix of the plots (default reproduce)")
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    source = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results" / "reproduce.json")
-    write_outputs(json.loads(source.read_text()), source.parent)
-    print((source.parent / "reproduce.md").read_text())
+    args = _parse_args()
+    out = args.sources[0].parent
+    write_outputs(merge_payloads(args.sources), out, args.images, args.prefix)
+    print((out / "reproduce.md").read_text())

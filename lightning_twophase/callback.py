@@ -259,6 +259,7 @@ class ConvexitySwitch(Callback):
         self.sample_gradients += extract_batch_size(batch) * trainer.world_size
         if self.phase == Phase.CG:
             self._log_cg_step(trainer)
+            self._record_cg_point(trainer)
             self._cg_steps += 1
             self._maybe_grow_cg_batch(trainer, pl_module)
             self._maybe_swap_back(trainer, pl_module)
@@ -277,8 +278,8 @@ class ConvexitySwitch(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.phase == Phase.ADAM and self.check_every_n_steps is None:
             self._check(trainer, pl_module)
-        elif self.phase == Phase.CG:
-            self._record_cg_point(trainer)
+        elif self.phase == Phase.CG and trainer.current_epoch % self.figure_every_n_checks == 0:
+            self._write_figure(trainer)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -601,6 +602,7 @@ class ConvexitySwitch(Callback):
         return loss * trainer.accumulate_grad_batches
 
     def _record_cg_point(self, trainer: pl.Trainer) -> None:
+        """Add the CG step's loss and gradient norm to the history unless CG has stopped moving."""
         stats = getattr(trainer.optimizers[0], "last_stats", None)
         if stats is None:
             return
@@ -608,13 +610,14 @@ class ConvexitySwitch(Callback):
         if norm is None:
             grads = [p.grad for p in self._parameters(trainer) if p.grad is not None]
             norm = float(total_grad_norm(grads)) if grads else float("nan")
+        last = self.history[-1] if self.history else None
+        if last is not None and last.phase == int(Phase.CG) and last.loss == float(stats.loss):
+            return
         point = CheckPoint(
             trainer.global_step, trainer.current_epoch, float(stats.loss), norm, int(Phase.CG), self.sample_gradients
         )
         self.history.append(point)
         self._log_metrics(trainer, {TAG.GRAD_NORM: norm})
-        if len(self.history) % self.figure_every_n_checks == 0:
-            self._write_figure(trainer)
 
     # ------------------------------------------------------------------ logging
 

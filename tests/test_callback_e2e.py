@@ -92,7 +92,7 @@ def test_swap_installs_cg_and_loss_falls():
 
 
 def test_cg_history_points_fall():
-    # The CG-phase points of switch.history feed the norm-versus-loss figure.
+    # The CG-phase points of switch.history (one per CG step that moved) feed the norm-versus-loss figure.
     model = TinyClassifier()
     switch = ConvexitySwitch(cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
 
@@ -101,7 +101,9 @@ def test_cg_history_points_fall():
     adam_points = [p for p in switch.history if p.phase == int(Phase.ADAM)]
     cg_points = [p for p in switch.history if p.phase == int(Phase.CG)]
     assert [p.epoch for p in adam_points] == [0, 1]
-    assert [p.epoch for p in cg_points] == [2, 3, 4]
+    assert len(cg_points) >= 3
+    assert {p.epoch for p in cg_points} <= {2, 3, 4}
+    assert [p.step for p in cg_points] == sorted({p.step for p in cg_points})
     assert all(p.grad_norm > 0 for p in cg_points)
     assert_non_increasing([p.loss for p in cg_points])
     assert cg_points[-1].loss < cg_points[0].loss

@@ -47,6 +47,26 @@ def test_reproduce_quick_writes_outputs(tmp_path):
 
 
 @pytest.mark.slow
+def test_reproduce_quick_detector_methods(tmp_path):
+    methods = ("adam", "adam_cg_guard", "adam_cg_log_slope")
+    completed = _run("reproduce.py", "--quick", "--methods", *methods, "--out", str(tmp_path), timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+
+    runs = json.loads((tmp_path / "reproduce.json").read_text())["runs"]
+    assert {run["spec"]["method"] for run in runs} == set(methods)
+    guard = next(run for run in runs if run["spec"]["method"] == "adam_cg_guard")
+    assert guard["switch_epoch"] is not None
+    # The swap happens at the end of epoch `switch_epoch`, before any CG step is counted.
+    assert guard["switch_samples"] == (guard["switch_epoch"] + 1) * guard["train_size"]
+    assert all(back > guard["switch_epoch"] for back in guard["switch_back_epochs"])
+
+    table = (tmp_path / "reproduce.md").read_text()
+    assert "Swap detectors side by side" in table
+    assert "| Adam+CG (0.9 x peak, guard) |" in table
+    assert "(a) ratio >= 1/1.1 on every pair" in table
+
+
+@pytest.mark.slow
 def test_overhead_quick_prints_ratio():
     completed = _run("overhead.py", "--quick", timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
