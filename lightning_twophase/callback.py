@@ -72,19 +72,22 @@ class ConvexitySwitch(Callback):
     its schedulers are dropped. From then on every training step runs CG iterations on one
     deterministic objective: the mean loss over a fixed CG batch of ``cg_batch_size`` samples
     (the whole training set by default), accumulated over micro-batches of the user's batch
-    size. Line searches on a changing mini-batch fail, so CG never sees the mini-batch.
+    size. Line searches on a changing mini-batch fail, so the mini-batch never enters the CG update.
 
-    Cost of the CG phase: every training step evaluates the CG batch about
-    ``1.2 * max_iter + 1`` times, so one CG-phase epoch costs roughly
-    ``num_training_batches * (1.2 * max_iter + 1) * cg_batch_size`` sample gradients. The
+    Cost of the CG phase: every training step runs ``max_iter`` CG iterations, each of one to a
+    few evaluations of the CG batch (about two on the benchmark's digits models), so one
+    CG-phase epoch costs roughly ``num_training_batches * 2 * max_iter * cg_batch_size``
+    sample gradients, against ``num_training_batches * batch_size`` for an Adam epoch. The
     ``twophase/samples`` scalar tracks the running total; size ``max_epochs`` or
     ``max_steps`` with it.
 
     Args:
         ratio: Swap when the watched statistic falls below ``ratio`` times its running
             maximum; in (0, 1).
-        detector: ``"peak_ratio"`` or a :class:`~lightning_twophase.detection.SwapDetector`
-            instance (then ``ratio``, ``patience`` and ``statistic`` are the detector's own).
+        detector: A name from ``detection.DETECTORS`` (``"peak_ratio"``, ``"log_slope"``,
+            ``"curvature"``, ``"cost_aware"``, ``"fixed_epoch"``) or a
+            :class:`~lightning_twophase.detection.SwapDetector` instance (then ``ratio``,
+            ``patience`` and ``statistic`` are the detector's own).
         statistic: ``"grad_norm_of_mean"`` (the norm of the gradient averaged over the
             interval, which cancels mini-batch noise) or ``"grad_norm_batch_mean"`` (the mean
             per-batch norm).
@@ -108,6 +111,14 @@ class ConvexitySwitch(Callback):
             ``"float32"`` are accepted for YAML configurations.
         figure_every_n_checks: Refresh the norm-versus-loss image every this many checks.
         seed: Seed of the random subset when ``cg_batch_size`` is smaller than the data.
+        switch_back_patience: Swap back to the kept Adam optimizer after this many consecutive
+            windows (each at least one training set of sample gradients) in which CG lowers the
+            log loss per sample gradient more slowly than Adam did before the swap; ``None``
+            disables the guard.
+        switch_back_margin: CG loses a window when its rate is below this factor times Adam's.
+        cg_batch_policy: A :class:`~lightning_twophase.batch_policy.DynamicBatchPolicy` that
+            starts the CG batch at its ``initial_size`` and grows it by a variance test;
+            replaces ``cg_batch_size``.
 
     Raises:
         ValueError: On invalid arguments, at construction.
