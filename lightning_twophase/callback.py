@@ -573,6 +573,17 @@ class ConvexitySwitch(Callback):
         self.cg_batch_size_used = size
 
     def _warn_dropped(self, trainer: pl.Trainer) -> None:
+        dropout = [
+            name
+            for name, module in trainer.lightning_module.named_modules()
+            if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0
+        ]
+        if dropout:
+            rank_zero_warn(
+                f"ConvexitySwitch: dropout in {', '.join(dropout[:3])} makes every CG-batch evaluation random, so"
+                " line searches compare different functions and CG stalls. Set the dropout probability to 0"
+                " for the CG phase (for example in a callback at the swap) or train without dropout."
+            )
         first = trainer.optimizers[0]
         for setting in dropped_settings(first):
             rank_zero_warn(

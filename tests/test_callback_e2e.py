@@ -327,3 +327,14 @@ def test_iterable_dataset_with_cg_batch_size():
     cg_losses = cg_phase_losses(logger)
     assert_non_increasing(cg_losses)
     assert cg_losses[-1] < cg_losses[0]
+
+
+def test_dropout_warned_at_swap():
+    model = TinyClassifier()
+    model.hidden_layer = torch.nn.Sequential(model.hidden_layer, torch.nn.Dropout(0.2))
+    switch = ConvexitySwitch(cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
+
+    with pytest.warns(UserWarning, match=r"dropout in hidden_layer\.1 makes every CG-batch evaluation random"):
+        fit(model, switch, max_epochs=3)
+
+    assert switch.switched
