@@ -15,9 +15,9 @@ backward, line-search evaluations included), expressed in epochs of the training
   by ``LogSlopeDetector``, ``CurvatureDetector`` or ``CostAwareDetector`` with their defaults;
 * ``adam_cg_cost_aware_sparse``: ``CostAwareDetector(trial_every=10, trial_iterations=3)``, whose
   CG trials cost less of the budget;
-* ``adam_cg_guard``, ``adam_cg_cost_aware_guard``: the paper's rule or the cost-aware detector,
-  plus the swap-back guard (``switch_back_patience=2``, ``switch_back_margin=1.0``);
-* ``adam_cg_dynamic``: the paper's rule, then CG on a batch that starts at
+* ``adam_cg_guard``, ``adam_cg_cost_aware_guard``: the 0.9-times-peak rule or the cost-aware
+  detector, plus the swap-back guard (``switch_back_patience=2``, ``switch_back_margin=1.0``);
+* ``adam_cg_dynamic``: the 0.9-times-peak rule, then CG on a batch that starts at
   ``min(512, N // 4)`` samples and grows by ``DynamicBatchPolicy``'s variance test.
 
 At regular points of the budget the full training-set loss is evaluated without gradients
@@ -74,7 +74,8 @@ DEFAULT_METHODS = ("adam", "adam_cg", "adam_lbfgs", "adam_cg_fixed")
 RESULTS = Path(__file__).parent / "results"
 DOCS_IMAGES = Path(__file__).parents[1] / "docs" / "img"
 
-#: Patience of the swap-back guard: CG must lose two consecutive windows of one epoch each.
+#: Patience of the swap-back guard: CG must lose two consecutive windows, each of at least one
+#: training set of sample gradients (one CG step on the whole training set already fills one).
 GUARD_PATIENCE = 2
 #: First CG batch of ``adam_cg_dynamic``: this many samples, at most a quarter of the training set.
 DYNAMIC_INITIAL_SIZE = 512

@@ -152,7 +152,7 @@ def _fraction_text(row: dict[str, Any]) -> str:
 
 
 def _swap_text(row: dict[str, Any]) -> str:
-    """Return the swap epoch of each seed, with ``back N`` for a swap back to Adam at epoch N."""
+    """Return the swap epoch of each seed, with ``(back N)`` for a swap back to Adam at epoch N."""
     epochs = row["swap_epochs"]
     if all(e is None for e in epochs):
         return "-"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import enum
 from dataclasses import replace
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from typing_extensions import override
 
 from lightning_twophase import tensorboard as panels
 from lightning_twophase.checks import (
+    validate_second_phase,
     check_cg_dataset,
     check_fit_start,
     check_setup,
@@ -182,10 +184,15 @@ class ConvexitySwitch(Callback):
         self.switch_back_patience = switch_back_patience
         self.switch_back_margin = switch_back_margin
         self.cg_batch_policy = cg_batch_policy
-        if switch_back_patience is not None:
-            # Validates patience and margin now; the window is set at the swap.
-            SwapBackGuard(1, switch_back_patience, switch_back_margin)
+        # Validates patience and margin now; the window is set at the swap.
+        SwapBackGuard(1, 1 if switch_back_patience is None else switch_back_patience, switch_back_margin)
+        validate_second_phase(self.cg_kwargs, optimizer_factory, monitor)
+        self._initial_detector_state = copy.deepcopy(self.detector.state_dict())
+        self._reset_run_state()
 
+    def _reset_run_state(self) -> None:
+        """Forget everything a previous ``fit`` recorded; a resumed fit reloads it afterwards."""
+        self.detector.load_state_dict(copy.deepcopy(self._initial_detector_state))
         self.phase = Phase.ADAM
         self.switch_epoch: int | None = None
         self.switch_step: int | None = None
@@ -207,6 +214,7 @@ class ConvexitySwitch(Callback):
         self._pending_accumulator_state: dict[str, Any] | None = None
         self._objective = None
         self._panels = PanelWriter()
+        self._announced_convergence = False
 
     # ------------------------------------------------------------------ public state
 
@@ -225,6 +233,9 @@ class ConvexitySwitch(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             check_setup(trainer, pl_module, cg_dtype=self.cg_dtype)
+            # Lightning restores callback state after `setup`, so a resumed fit gets its state
+            # back while a second fit with the same callback starts from scratch.
+            self._reset_run_state()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -585,6 +596,12 @@ class ConvexitySwitch(Callback):
                 " for the CG phase (for example in a callback at the swap) or train without dropout."
             )
         first = trainer.optimizers[0]
+        schedulers = [type(config.scheduler).__name__ for config in trainer.lr_scheduler_configs]
+        if schedulers:
+            rank_zero_warn(
+                f"ConvexitySwitch: the learning-rate schedulers {', '.join(schedulers)} are dropped at the swap,"
+                " because CG chooses its step length by line search. Adam keeps them if the guard swaps back."
+            )
         for setting in dropped_settings(first):
             rank_zero_warn(
                 f"ConvexitySwitch: the CG phase minimises the training loss without {setting};"
@@ -653,6 +670,15 @@ class ConvexitySwitch(Callback):
         stats = getattr(trainer.optimizers[0], "last_stats", None)
         last_loss = self._objective.last_loss if self._objective is not None else None
         log_metrics(trainer, cg_step_metrics(stats, last_loss, self.sample_gradients))
+
+        converged = stats is not None and stats.reason.value in ("converged_grad", "converged_change")
+        if converged and not self._announced_convergence:
+            rank_zero_info(
+                f"ConvexitySwitch: CG converged at step {trainer.global_step} ({stats.message}, loss"
+                f" {stats.loss:.3e}); further steps leave the weights unchanged. Stop training, or lower"
+                " tolerance_grad/tolerance_change in cg_kwargs."
+            )
+        self._announced_convergence = self._announced_convergence or converged
 
     def _write_layout(self, trainer: pl.Trainer) -> None:
         self._panels.layout(trainer)

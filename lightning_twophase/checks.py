@@ -15,7 +15,8 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import IterableDataset
 
-__all__ = ["check_cg_dataset", "check_fit_start", "check_setup", "resolve_cg_dtype", "validate_arguments"]
+__all__ = ["check_cg_dataset", "check_fit_start", "check_setup", "resolve_cg_dtype", "validate_arguments",
+           "validate_second_phase"]
 
 _SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
 
@@ -78,6 +79,31 @@ def validate_arguments(
     _check_positive_int("cg_micro_batch_size", cg_micro_batch_size, allow_none=True)
     if cg_dtype is not None and cg_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"Invalid cg_dtype: {cg_dtype!r}. Use torch.float64, torch.float32 or None.")
+
+
+def validate_second_phase(cg_kwargs: dict[str, Any], optimizer_factory: Any, monitor: Any) -> None:
+    """Validate the second-phase settings at construction, long before the swap uses them.
+
+    ``cg_kwargs`` are tried on a one-element dummy parameter, so every argument error of
+    ``ConjugateGradient`` surfaces now, before any training step.
+
+    Raises:
+        ValueError: On invalid ``cg_kwargs`` or ``monitor``.
+        TypeError: On a non-callable ``optimizer_factory``.
+    """
+    from lightning_twophase.optim.cg import ConjugateGradient
+
+    try:
+        ConjugateGradient([torch.zeros(1, requires_grad=True)], **cg_kwargs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"Invalid cg_kwargs: {cg_kwargs!r}. {error}") from error
+    if optimizer_factory is not None and not callable(optimizer_factory):
+        raise TypeError(
+            f"Invalid optimizer_factory: {optimizer_factory!r}. Pass a callable that takes a list of parameter-group"
+            " dicts and returns an optimizer, such as lambda groups: torch.optim.LBFGS(groups)."
+        )
+    if monitor is not None and not isinstance(monitor, str):
+        raise ValueError(f"Invalid monitor: {monitor!r}. Pass the name of a logged metric as a string, or None.")
 
 
 def check_setup(trainer: pl.Trainer, pl_module: pl.LightningModule, cg_dtype: torch.dtype | None) -> None:

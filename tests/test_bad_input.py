@@ -221,3 +221,22 @@ def test_epoch_only_monitor_rejected():
         trainer.fit(EpochLogged())
 
     assert trainer.global_step == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"cg_kwargs": {"beta": "xx"}}, r"Invalid cg_kwargs: .*'beta': 'xx'.*Invalid beta"),
+        ({"cg_kwargs": {"max_iter": 0}}, r"Invalid cg_kwargs: .*max_iter"),
+        ({"cg_kwargs": {"nonsense": 1}}, r"Invalid cg_kwargs: .*nonsense"),
+        ({"monitor": 3}, r"Invalid monitor: 3"),
+    ],
+)
+def test_second_phase_settings_rejected_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ConvexitySwitch(**kwargs)
+
+
+def test_non_callable_factory_rejected_at_construction():
+    with pytest.raises(TypeError, match=r"Invalid optimizer_factory: 'lbfgs'.*callable"):
+        ConvexitySwitch(optimizer_factory="lbfgs")

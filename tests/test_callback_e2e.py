@@ -338,3 +338,38 @@ def test_dropout_warned_at_swap():
         fit(model, switch, max_epochs=3)
 
     assert switch.switched
+
+
+def test_second_fit_starts_fresh():
+    switch = ConvexitySwitch(cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
+    fit(TinyClassifier(), switch, max_epochs=4)
+    first_switch_epoch = switch.switch_epoch
+
+    model = TinyClassifier()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = fit(model, switch, max_epochs=4)
+
+    assert switch.switch_epoch == first_switch_epoch
+    assert [p.phase for p in switch.history[:2]] == [int(Phase.ADAM), int(Phase.ADAM)]
+    assert isinstance(trainer.optimizers[0], ConjugateGradient)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_cg_convergence_announced_once(caplog):
+    switch = ConvexitySwitch(cg_micro_batch_size=WHOLE_SET_MICRO_BATCH, cg_kwargs={"tolerance_grad": 1e-2})
+
+    with caplog.at_level("INFO"):
+        fit(TinyClassifier(), switch, max_epochs=5)
+
+    messages = [r.getMessage() for r in caplog.records if "CG converged" in r.getMessage()]
+    assert len(messages) == 1
+    assert "lower tolerance_grad/tolerance_change" in messages[0]
+
+
+def test_scheduler_drop_warned():
+    switch = ConvexitySwitch(cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
+
+    with pytest.warns(UserWarning, match=r"learning-rate schedulers StepLR are dropped at the swap"):
+        fit(TinyClassifier(scheduler="step"), switch, max_epochs=3)
+
+    assert switch.switched
