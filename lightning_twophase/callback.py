@@ -122,6 +122,18 @@ class ConvexitySwitch(Callback):
             starts the CG batch at its ``initial_size`` and grows it by a variance test;
             replaces ``cg_batch_size``.
 
+    Attributes:
+        switched: Whether training is in the CG phase now.
+        switch_epoch: Epoch (counted from 0) at whose end the swap happened, or ``None``.
+        switch_step: Global step of the swap, or ``None``.
+        switch_reason: The detector's message at the swap.
+        switch_backs: One dict per swap back to Adam (epoch, step, reason, loss, grad_norm).
+        history: :class:`~lightning_twophase.tensorboard.CheckPoint` records: one per Adam-phase
+            check and one per CG step that lowered the loss.
+        sample_gradients: Samples passed forward and backward so far, over all ranks, including
+            line-search evaluations and CG trials.
+        cg_batch_size_used: Current CG batch size under ``cg_batch_policy``.
+
     Raises:
         ValueError: On invalid arguments, at construction.
 
