@@ -336,6 +336,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--points", type=int, default=25, help="recorded loss points per run (default 25)")
     parser.add_argument("--cg-max-iter", type=int, default=5, help="CG (and L-BFGS) iterations per step (default 5)")
     parser.add_argument("--fixed-fraction", type=float, default=0.3, help="fixed swap epoch as a budget fraction")
+
     args = parser.parse_args(argv)
     if args.quick:
         args.datasets, args.models, args.seeds = ["digits"], ["mlp"], 1
