@@ -85,7 +85,7 @@ class Result:
 def run(precision: str, max_epochs: int, seed: int) -> Result:
     """Train the digits CNN on CUDA under ``precision`` with the Adam phase guarded."""
     L.seed_everything(seed, verbose=False)
-    switch = ConvexitySwitch(ratio=0.9, min_epochs=3, cg_micro_batch_size=2048)
+    switch = ConvexitySwitch(min_epochs=3, cg_micro_batch_size=2048)
     guard = AdamPhaseSyncGuard(switch)
     trainer = L.Trainer(
         accelerator="cuda",

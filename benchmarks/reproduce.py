@@ -4,8 +4,8 @@ Every method gets the same budget of sample-gradient evaluations (samples passed
 backward, line-search evaluations included), expressed in epochs of the training set:
 
 * ``adam``: the user's Adam on mini-batches for the whole budget (the baseline);
-* ``adam_cg``: ``ConvexitySwitch()`` with the default detector (swap when the gradient norm
-  falls below 0.9 times its running maximum), then CG on the whole training set;
+* ``adam_cg``: ``ConvexitySwitch(detector="peak_ratio")``, the paper's rule (swap when the
+  gradient norm falls below 0.9 times its running maximum), then CG on the whole training set;
 * ``adam_lbfgs``: the same detector and CG batch, with ``torch.optim.LBFGS`` (strong Wolfe)
   after the swap;
 * ``adam_cg_fixed``: CG after a swap at a fixed epoch (``--fixed-fraction`` of the budget);
@@ -193,10 +193,10 @@ def _detector_switch(spec: RunSpec, train_size: int) -> ConvexitySwitch:
         sparse = CostAwareDetector(trial_every=10, trial_iterations=3)
         return ConvexitySwitch(detector=sparse, cg_kwargs=cg_kwargs)
     if spec.method == "adam_cg_guard":
-        return ConvexitySwitch(cg_kwargs=cg_kwargs, switch_back_patience=GUARD_PATIENCE)
+        return ConvexitySwitch(detector="peak_ratio", cg_kwargs=cg_kwargs, switch_back_patience=GUARD_PATIENCE)
     if spec.method == "adam_cg_dynamic":
         policy = DynamicBatchPolicy(initial_size=min(DYNAMIC_INITIAL_SIZE, train_size // 4))
-        return ConvexitySwitch(cg_kwargs=cg_kwargs, cg_batch_policy=policy)
+        return ConvexitySwitch(detector="peak_ratio", cg_kwargs=cg_kwargs, cg_batch_policy=policy)
     raise ValueError(f"Invalid method: {spec.method!r}. Expected one of {', '.join(METHODS)}.")
 
 
@@ -206,9 +206,9 @@ def _second_phase(spec: RunSpec, train_size: int) -> ConvexitySwitch | None:
     if spec.method in DETECTOR_METHODS:
         return _detector_switch(spec, train_size)
     if spec.method == "adam_cg":
-        return ConvexitySwitch(cg_kwargs={"max_iter": spec.cg_max_iter})
+        return ConvexitySwitch(detector="peak_ratio", cg_kwargs={"max_iter": spec.cg_max_iter})
     if spec.method == "adam_cg_iter1":
-        return ConvexitySwitch(cg_kwargs={"max_iter": 1})
+        return ConvexitySwitch(detector="peak_ratio", cg_kwargs={"max_iter": 1})
     if spec.method == "adam_cg_fixed":
         return ConvexitySwitch(detector=FixedEpochDetector(epoch=spec.fixed_epoch), cg_kwargs={"max_iter": spec.cg_max_iter})
     if spec.method == "adam_lbfgs":
@@ -217,7 +217,7 @@ def _second_phase(spec: RunSpec, train_size: int) -> ConvexitySwitch | None:
         def lbfgs(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
             return torch.optim.LBFGS(groups, max_iter=max_iter, line_search_fn="strong_wolfe")
 
-        return ConvexitySwitch(optimizer_factory=lbfgs)
+        return ConvexitySwitch(detector="peak_ratio", optimizer_factory=lbfgs)
     raise ValueError(f"Invalid method: {spec.method!r}. Expected one of {', '.join(METHODS)}.")
 
 

@@ -1,7 +1,8 @@
 """Two-phase training of a small CNN on scikit-learn's bundled handwritten digits.
 
-Runs on CPU in well under a minute on an idle machine, swaps Adam for conjugate gradient when the gradient norm has
-fallen below 0.9 times its peak, and logs the run to TensorBoard:
+Runs on CPU in well under a minute on an idle machine. It swaps Adam for conjugate gradient
+once the gradient norm falls with the loss as near a minimum (the default log-slope detector),
+and logs the run to TensorBoard:
 
     python examples/digits.py
     tensorboard --logdir logs/digits
@@ -89,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
 
     L.seed_everything(args.seed, verbose=False)
-    switch = ConvexitySwitch(ratio=0.9, min_epochs=3)
+    switch = ConvexitySwitch(min_epochs=3)
     logger = TensorBoardLogger(args.logdir, name="digits")
     trainer = L.Trainer(
         max_epochs=args.max_epochs,

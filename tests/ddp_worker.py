@@ -57,7 +57,7 @@ def main() -> None:
         batch_size=args.batch_size,
     )
     # The swap back to Adam is off, so that the run stays in the CG phase whose DDP behaviour is tested.
-    switch = ConvexitySwitch(min_epochs=2, cg_micro_batch_size=128, cg_kwargs={"max_iter": 3}, switch_back_patience=None)
+    switch = ConvexitySwitch(detector="peak_ratio", min_epochs=2, cg_micro_batch_size=128, cg_kwargs={"max_iter": 3}, switch_back_patience=None)
     strategy = "ddp" if args.devices > 1 else "auto"
     trainer = make_trainer(max_epochs=args.max_epochs, devices=args.devices, strategy=strategy, callbacks=[switch])
     trainer.fit(model)

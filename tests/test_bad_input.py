@@ -45,13 +45,13 @@ def fit_expecting_error(model: TinyClassifier, switch: ConvexitySwitch, match: s
 @pytest.mark.parametrize("ratio", [0, 1, -0.5, 1.5, 0.0, 1.0])
 def test_ratio_outside_unit_interval(ratio: float):
     with pytest.raises(ValueError, match=rf"Invalid ratio: {re.escape(repr(ratio))}\. Use a value strictly between 0 and 1"):
-        ConvexitySwitch(ratio=ratio)
+        ConvexitySwitch(detector="peak_ratio", ratio=ratio)
 
 
 @pytest.mark.parametrize("ratio", [True, "0.9", None])
 def test_ratio_of_wrong_type(ratio):
     with pytest.raises(ValueError, match=rf"Invalid ratio: {re.escape(repr(ratio))}"):
-        ConvexitySwitch(ratio=ratio)
+        ConvexitySwitch(detector="peak_ratio", ratio=ratio)
 
 
 @pytest.mark.parametrize(
@@ -67,7 +67,7 @@ def test_ratio_of_wrong_type(ratio):
         ({"cg_dtype": torch.float16}, r"Invalid cg_dtype: torch\.float16\. Use torch\.float64, torch\.float32 or None"),
         ({"patience": -1}, r"Invalid patience: -1\. Use 0 or a positive number"),
         ({"statistic": "loss"}, r"Invalid statistic: 'loss'\. Expected one of grad_norm_of_mean, grad_norm_batch_mean"),
-        ({"detector": "nope"}, r"Invalid detector: 'nope'\. Expected one of peak_ratio"),
+        ({"detector": "nope"}, r"Invalid detector: 'nope'\. Expected one of peak_ratio, fixed_epoch, log_slope"),
     ],
 )
 def test_invalid_argument_rejected(kwargs: dict, match: str):
@@ -77,7 +77,7 @@ def test_invalid_argument_rejected(kwargs: dict, match: str):
 
 def test_manual_optimization_rejected():
     message = fit_expecting_error(
-        TinyClassifier(manual=True), ConvexitySwitch(), match="automatic_optimization is False"
+        TinyClassifier(manual=True), ConvexitySwitch(detector="peak_ratio"), match="automatic_optimization is False"
     )
 
     assert "remove `self.automatic_optimization = False`" in message
@@ -87,7 +87,7 @@ def test_two_optimizers_rejected_by_lightning():
     """Lightning 2.6 itself rejects two optimizers under automatic optimization, before any step."""
     model = TinyClassifier(two_optimizers=True)
     before = parameter_snapshot(model)
-    trainer = make_trainer(max_epochs=2, callbacks=[ConvexitySwitch()])
+    trainer = make_trainer(max_epochs=2, callbacks=[ConvexitySwitch(detector="peak_ratio")])
 
     with pytest.raises(RuntimeError, match="multiple optimizers is only supported with manual optimization"):
         trainer.fit(model)
@@ -113,7 +113,7 @@ def test_two_optimizers_rejected_by_check():
 
 def test_two_optimizers_with_manual_optimization_rejected():
     message = fit_expecting_error(
-        TinyClassifier(two_optimizers=True, manual=True), ConvexitySwitch(), match="automatic_optimization is False"
+        TinyClassifier(two_optimizers=True, manual=True), ConvexitySwitch(detector="peak_ratio"), match="automatic_optimization is False"
     )
 
     assert "ConvexitySwitch replaces the optimizer that Lightning steps" in message
@@ -121,7 +121,7 @@ def test_two_optimizers_with_manual_optimization_rejected():
 
 def test_iterable_without_cg_batch_size_rejected():
     message = fit_expecting_error(
-        TinyClassifier(iterable=True), ConvexitySwitch(), match="Invalid cg_batch_size: None"
+        TinyClassifier(iterable=True), ConvexitySwitch(detector="peak_ratio"), match="Invalid cg_batch_size: None"
     )
 
     assert "IterableDataset" in message
@@ -129,7 +129,7 @@ def test_iterable_without_cg_batch_size_rejected():
 
 
 def test_iterable_with_batch_policy_rejected():
-    switch = ConvexitySwitch(cg_batch_size=64, cg_batch_policy=DynamicBatchPolicy(initial_size=32))
+    switch = ConvexitySwitch(detector="peak_ratio", cg_batch_size=64, cg_batch_policy=DynamicBatchPolicy(initial_size=32))
     message = fit_expecting_error(TinyClassifier(iterable=True), switch, match="Invalid cg_batch_policy")
 
     assert "IterableDataset" in message
@@ -147,7 +147,7 @@ def test_float16_amp_rejected():
     plugin = MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))
 
     message = fit_expecting_error(
-        TinyClassifier(), ConvexitySwitch(), match=r"Invalid precision: '16-mixed'", plugins=[plugin]
+        TinyClassifier(), ConvexitySwitch(detector="peak_ratio"), match=r"Invalid precision: '16-mixed'", plugins=[plugin]
     )
 
     assert "precision='bf16-mixed'" in message
@@ -176,7 +176,7 @@ def test_sharding_strategy_rejected():
 
 
 def test_non_adam_first_optimizer_warns():
-    switch = ConvexitySwitch()
+    switch = ConvexitySwitch(detector="peak_ratio")
     trainer = make_trainer(max_epochs=1, callbacks=[switch])
 
     with pytest.warns(UserWarning, match="the first optimizer is SGD, not from the Adam family"):
@@ -191,7 +191,7 @@ def test_unknown_monitor_lists_available_keys():
 
     The error therefore comes at the end of the first training batch, after one optimizer step.
     """
-    trainer = make_trainer(max_epochs=1, callbacks=[ConvexitySwitch(monitor="train_los")])
+    trainer = make_trainer(max_epochs=1, callbacks=[ConvexitySwitch(detector="peak_ratio", monitor="train_los")])
 
     with pytest.raises(ValueError, match=r"Invalid monitor: 'train_los'") as raised:
         trainer.fit(TinyClassifier())
@@ -215,7 +215,7 @@ def test_epoch_only_monitor_rejected():
             self.log("epoch_loss", loss, on_step=False, on_epoch=True)
             return loss
 
-    trainer = make_trainer(max_epochs=1, callbacks=[ConvexitySwitch(monitor="epoch_loss")])
+    trainer = make_trainer(max_epochs=1, callbacks=[ConvexitySwitch(detector="peak_ratio", monitor="epoch_loss")])
 
     with pytest.raises(ValueError, match=r"Invalid monitor: 'epoch_loss' was not logged in this training step"):
         trainer.fit(EpochLogged())
@@ -234,9 +234,9 @@ def test_epoch_only_monitor_rejected():
 )
 def test_second_phase_settings_rejected_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        ConvexitySwitch(**kwargs)
+        ConvexitySwitch(detector="peak_ratio", **kwargs)
 
 
 def test_non_callable_factory_rejected_at_construction():
     with pytest.raises(TypeError, match=r"Invalid optimizer_factory: 'lbfgs'.*callable"):
-        ConvexitySwitch(optimizer_factory="lbfgs")
+        ConvexitySwitch(detector="peak_ratio", optimizer_factory="lbfgs")

@@ -379,3 +379,9 @@ def test_cost_aware_state_round_trip():
 def test_cost_aware_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CostAwareDetector(**kwargs)
+
+
+def test_callback_default_detector_is_log_slope():
+    from lightning_twophase import ConvexitySwitch
+
+    assert isinstance(ConvexitySwitch().detector, LogSlopeDetector)

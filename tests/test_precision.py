@@ -47,7 +47,7 @@ def make_model() -> TinyClassifier:
 def make_switch(**kwargs: Any) -> ConvexitySwitch:
     # The swap back to Adam is off, so that every run stays in the CG phase under test.
     kwargs.setdefault("switch_back_patience", None)
-    return ConvexitySwitch(min_epochs=2, cg_micro_batch_size=256, cg_kwargs={"max_iter": 3}, **kwargs)
+    return ConvexitySwitch(detector="peak_ratio", min_epochs=2, cg_micro_batch_size=256, cg_kwargs={"max_iter": 3}, **kwargs)
 
 
 def cg_losses(switch: ConvexitySwitch) -> list[float]:

@@ -60,7 +60,7 @@ def fit(root: Path, ckpt_path: Path | None = None, **switch_kwargs: Any) -> tupl
     model = ReshuffledClassifier(features=64, classes=10, hidden=16, lr=0.01, dataset=digits_dataset(SAMPLES), batch_size=64)
     switch_kwargs = {"min_epochs": 2, "check_every_n_steps": 3, "cg_kwargs": {"max_iter": 2}, **switch_kwargs}
     switch_kwargs.setdefault("switch_back_patience", None)
-    switch = ConvexitySwitch(cg_micro_batch_size=SAMPLES, **switch_kwargs)
+    switch = ConvexitySwitch(detector="peak_ratio", cg_micro_batch_size=SAMPLES, **switch_kwargs)
     checkpoints = ModelCheckpoint(dirpath=root, filename="{epoch}", every_n_epochs=1, save_top_k=-1)
     trainer = make_trainer(
         root,
@@ -139,7 +139,7 @@ def test_cg_checkpoint_restores_cg_optimizer_state(reference: tuple, tmp_path: P
 
     L.seed_everything(0, verbose=False)
     model = ReshuffledClassifier(features=64, classes=10, hidden=16, dataset=digits_dataset(SAMPLES), batch_size=64)
-    switch = ConvexitySwitch(
+    switch = ConvexitySwitch(detector="peak_ratio",
         min_epochs=2,
         check_every_n_steps=3,
         cg_micro_batch_size=SAMPLES,

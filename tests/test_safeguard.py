@@ -177,7 +177,7 @@ def test_guard_invalid_arguments(kwargs, message):
 )
 def test_callback_validates_guard_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        ConvexitySwitch(**kwargs)
+        ConvexitySwitch(detector="peak_ratio", **kwargs)
 
 
 # ---------------------------------------------------------------------- swap back in a Trainer
