@@ -35,6 +35,7 @@ from lightning_twophase.trial import run_cg_trial
 from lightning_twophase.statistics import IntervalAccumulator, total_grad_norm
 from lightning_twophase.swap import (
     ADAM_FAMILY,
+    FirstPhase,
     OptimizerFactory,
     build_second_phase_optimizer,
     dropped_settings,
@@ -220,7 +221,7 @@ class ConvexitySwitch(Callback):
         self.cg_batch_size_used: int | None = None
 
         self._guard: SwapBackGuard | None = None
-        self._first_phase: dict[str, Any] | None = None
+        self._first_phase: FirstPhase | None = None
         self._pending_first_optimizer_state: dict[str, Any] | None = None
         self._pending_guard_state: dict[str, Any] | None = None
         self._interval_start_samples = 0
@@ -351,7 +352,7 @@ class ConvexitySwitch(Callback):
         # Only needed to swap back after a resume; costs Adam's two moment buffers per parameter.
         if self.phase != Phase.CG or self._guard is None or self._first_phase is None:
             return None
-        return self._first_phase["optimizer"].state_dict()
+        return self._first_phase.optimizer.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -485,18 +486,8 @@ class ConvexitySwitch(Callback):
             )
 
     def _keep_first_phase(self, trainer: pl.Trainer) -> None:
-        """Keep the first optimizer, its schedulers and settings for a later swap back."""
-        first = trainer.optimizers[0]
-        if self._pending_first_optimizer_state is not None:
-            first.load_state_dict(self._pending_first_optimizer_state)
-            self._pending_first_optimizer_state = None
-        self._first_phase = {
-            "optimizer": first,
-            "schedulers": list(trainer.lr_scheduler_configs),
-            "accumulate_grad_batches": trainer.accumulate_grad_batches,
-            "precision_plugin": trainer.strategy.precision_plugin,
-            "dtype": self._parameters(trainer)[0].dtype,
-        }
+        self._first_phase = FirstPhase.capture(trainer, self._pending_first_optimizer_state)
+        self._pending_first_optimizer_state = None
 
     def _arm_guard(self, trainer: pl.Trainer) -> None:
         if self.switch_back_patience is None:
@@ -529,12 +520,7 @@ class ConvexitySwitch(Callback):
             return
 
         stats = getattr(trainer.optimizers[0], "last_stats", None)
-        if first["dtype"] != self._parameters(trainer)[0].dtype:
-            pl_module.to(first["dtype"])
-            trainer.strategy.precision_plugin = first["precision_plugin"]
-        install_optimizer(trainer, first["optimizer"])
-        trainer.strategy.lr_scheduler_configs = first["schedulers"]
-        trainer.accumulate_grad_batches = first["accumulate_grad_batches"]
+        first.restore(trainer, pl_module)
 
         self.phase = Phase.ADAM
         self.switch_backs.append({
@@ -549,7 +535,7 @@ class ConvexitySwitch(Callback):
         self._interval_start_samples = self.sample_gradients
         self._log_metrics(trainer, {TAG.PHASE: float(Phase.ADAM)})
         rank_zero_info(
-            f"ConvexitySwitch: swapped back to {type(first['optimizer']).__name__} at epoch {trainer.current_epoch},"
+            f"ConvexitySwitch: swapped back to {type(first.optimizer).__name__} at epoch {trainer.current_epoch},"
             f" step {trainer.global_step}. {reason}"
         )
         self._write_switch_back_text(trainer, reason)

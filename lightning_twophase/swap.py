@@ -1,9 +1,10 @@
-"""Building the second-phase optimizer and installing it into a running Lightning strategy."""
+"""Building the second-phase optimizer, installing it into a running strategy, and swapping back."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from lightning_twophase.optim.cg import ConjugateGradient
 
 __all__ = [
     "ADAM_FAMILY",
+    "FirstPhase",
     "OptimizerFactory",
     "build_second_phase_optimizer",
     "adam_preconditioner",
@@ -128,3 +130,47 @@ def route_step_to(optimizer: Optimizer, objective: Callable[[], torch.Tensor]) -
         return original_step(objective, **kwargs)
 
     optimizer.step = step  # type: ignore[method-assign]
+
+
+@dataclass
+class FirstPhase:
+    """The first-phase optimizer and trainer settings, kept at the swap for a later swap back.
+
+    Keeping the optimizer object keeps Adam's moment estimates (two buffers per parameter).
+
+    Attributes:
+        optimizer: The optimizer Lightning stepped before the swap.
+        schedulers: Its learning-rate scheduler configurations.
+        accumulate_grad_batches: The trainer's gradient accumulation before the swap.
+        precision_plugin: The strategy's precision plugin before a ``cg_dtype`` conversion.
+        dtype: The parameters' dtype before a ``cg_dtype`` conversion.
+    """
+
+    optimizer: Optimizer
+    schedulers: list[Any]
+    accumulate_grad_batches: int
+    precision_plugin: Any
+    dtype: torch.dtype
+
+    @classmethod
+    def capture(cls, trainer: Any, saved_state: dict[str, Any] | None = None) -> FirstPhase:
+        """Record the trainer's current optimizer and settings, loading ``saved_state`` into it if given."""
+        optimizer = trainer.optimizers[0]
+        if saved_state is not None:
+            optimizer.load_state_dict(saved_state)
+        return cls(
+            optimizer=optimizer,
+            schedulers=list(trainer.lr_scheduler_configs),
+            accumulate_grad_batches=trainer.accumulate_grad_batches,
+            precision_plugin=trainer.strategy.precision_plugin,
+            dtype=optimizer.param_groups[0]["params"][0].dtype,
+        )
+
+    def restore(self, trainer: Any, module: torch.nn.Module) -> None:
+        """Make Lightning step the kept optimizer again, with its schedulers and settings."""
+        if next(module.parameters()).dtype != self.dtype:
+            module.to(self.dtype)
+            trainer.strategy.precision_plugin = self.precision_plugin
+        install_optimizer(trainer, self.optimizer)
+        trainer.strategy.lr_scheduler_configs = self.schedulers
+        trainer.accumulate_grad_batches = self.accumulate_grad_batches
