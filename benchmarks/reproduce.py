@@ -15,8 +15,9 @@ backward, line-search evaluations included), expressed in epochs of the training
   by ``LogSlopeDetector``, ``CurvatureDetector`` or ``CostAwareDetector`` with their defaults;
 * ``adam_cg_cost_aware_sparse``: ``CostAwareDetector(trial_every=10, trial_iterations=3)``, whose
   CG trials cost less of the budget;
-* ``adam_cg_guard``, ``adam_cg_cost_aware_guard``: the 0.9-times-peak rule or the cost-aware
-  detector, plus the swap-back guard (``switch_back_patience=2``, ``switch_back_margin=1.0``);
+* ``adam_cg_guard``, ``adam_cg_log_slope_guard``, ``adam_cg_cost_aware_guard``: the
+  0.9-times-peak rule, the log-slope detector or the cost-aware detector, plus the swap-back
+  guard (``switch_back_patience=2``, ``switch_back_margin=1.0``);
 * ``adam_cg_dynamic``: the 0.9-times-peak rule, then CG on a batch that starts at
   ``min(512, N // 4)`` samples and grows by ``DynamicBatchPolicy``'s variance test.
 
@@ -62,6 +63,7 @@ from tasks import DATASETS, MODELS, Task, build_model, load_task  # noqa: E402
 
 DETECTOR_METHODS = (
     "adam_cg_log_slope",
+    "adam_cg_log_slope_guard",
     "adam_cg_curvature",
     "adam_cg_cost_aware",
     "adam_cg_cost_aware_sparse",
@@ -182,6 +184,7 @@ def _detector_switch(spec: RunSpec, train_size: int) -> ConvexitySwitch:
     cg_kwargs = {"max_iter": spec.cg_max_iter}
     detectors = {
         "adam_cg_log_slope": LogSlopeDetector,
+        "adam_cg_log_slope_guard": LogSlopeDetector,
         "adam_cg_curvature": CurvatureDetector,
         "adam_cg_cost_aware": CostAwareDetector,
         "adam_cg_cost_aware_guard": CostAwareDetector,

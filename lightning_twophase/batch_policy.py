@@ -81,8 +81,8 @@ class DynamicBatchPolicy:
         """Return the batch size after a test, capped at ``dataset_size``."""
         if self.passes(estimate):
             return estimate.batch_size
-        wanted = estimate.variance_l1 / max(self.theta**2 * estimate.grad_norm_sq, 1e-300)
-        grown = max(wanted, self.min_growth * estimate.batch_size)
+        required = estimate.variance_l1 / max(self.theta**2 * estimate.grad_norm_sq, 1e-300)
+        grown = max(required, self.min_growth * estimate.batch_size)
         return int(min(dataset_size, math.ceil(grown)))
 
     def state_dict(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ At the swap the guard stores Adam's recent rate of log-loss decrease per sample 
 
 from the last :math:`w` checks of the Adam phase. In the CG phase it measures the same rate
 over windows of at least ``window_samples`` sample gradients. When CG's rate stays below
-``margin`` :math:`\cdot\, r_{\text{Adam}}` for ``patience`` consecutive windows, it asks for
+``margin`` :math:`\cdot\, r_{\text{Adam}}` for ``patience`` consecutive windows, it requests
 the swap back.
 """
 
