@@ -5,14 +5,21 @@ convex from how the gradient norm depends on the loss, then continue with nonlin
 conjugate gradient on a fixed large batch.
 """
 
+from lightning_twophase.batch_policy import DynamicBatchPolicy
 from lightning_twophase.callback import ConvexitySwitch, Phase
-from lightning_twophase.detection import IntervalStatistics, PeakRatioDetector, SwapDetector
+from lightning_twophase.detection import FixedEpochDetector, IntervalStatistics, PeakRatioDetector, SwapDetector
+from lightning_twophase.detectors import CostAwareDetector, CurvatureDetector, LogSlopeDetector
 from lightning_twophase.optim.cg import ConjugateGradient
 
 __all__ = [
     "ConjugateGradient",
     "ConvexitySwitch",
+    "CostAwareDetector",
+    "CurvatureDetector",
+    "DynamicBatchPolicy",
+    "FixedEpochDetector",
     "IntervalStatistics",
+    "LogSlopeDetector",
     "PeakRatioDetector",
     "Phase",
     "SwapDetector",
