@@ -4,8 +4,8 @@ Every method gets the same budget of sample-gradient evaluations (samples passed
 backward, line-search evaluations included), expressed in epochs of the training set:
 
 * ``adam``: the user's Adam on mini-batches for the whole budget (the baseline);
-* ``adam_cg``: ``ConvexitySwitch(detector="peak_ratio")``, the paper's rule (swap when the
-  gradient norm falls below 0.9 times its running maximum), then CG on the whole training set;
+* ``adam_cg``: ``ConvexitySwitch(detector="peak_ratio")``, the rule of Hrycej et al.
+  (arXiv:2510.25366; swap when the gradient norm falls below 0.9 times its running maximum), then CG on the whole training set;
 * ``adam_lbfgs``: the same detector and CG batch, with ``torch.optim.LBFGS`` (strong Wolfe)
   after the swap;
 * ``adam_cg_fixed``: CG after a swap at a fixed epoch (``--fixed-fraction`` of the budget);

@@ -119,6 +119,8 @@ def build_micro_batch_source(
     indices = choose_cg_indices(len(dataset), cg_batch_size, seed)
     subset = dataset if indices is None else Subset(dataset, indices)
     sampler = None
+    # NOTE: when the CG batch does not divide by the number of ranks, DistributedSampler repeats
+    # a few samples, so they weigh slightly more in the objective.
     if num_replicas > 1:
         sampler = DistributedSampler(subset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
     fixed = DataLoader(
@@ -210,6 +212,8 @@ class FixedBatchObjective:
         self._cache_key: tuple | None = None
         self._cache: tuple[Tensor, list[Tensor | None]] | None = None
 
+    # NOTE: every evaluation runs the user's training_step, so its self.log calls also record
+    # values at line-search trial points. The CG-phase loss to read is twophase/loss.
     @torch.enable_grad()
     def __call__(self) -> Tensor:
         """Evaluate :math:`F` at the current parameters, leaving :math:`\\nabla F` in ``.grad``."""

@@ -91,6 +91,8 @@ class SwapBackGuard:
         """Whether the guard has a usable Adam rate to compare with."""
         return self._state.adam_rate is not None and self._state.adam_rate > 0.0
 
+    # NOTE: Adam's rate just before the swap is usually higher than what Adam sustains later, so
+    # on the digits benchmark this guard swapped back from runs that CG went on to win 76-316x.
     def update(self, loss: float, samples: int) -> SwapBackVerdict:
         """Record CG's loss after ``samples`` sample gradients in all and decide."""
         state = self._state
