@@ -124,7 +124,7 @@ class BudgetMonitor(Callback):
     With a ``ConvexitySwitch`` the count is its ``sample_gradients``, which includes the
     line-search evaluations on the CG batch. Without one, the monitor adds the batch size of
     every training step. A CG-phase step costs several passes over the CG batch, so the last step may overrun
-    the budget; the summary reads losses at or below the budget only.
+    the budget. The summary therefore reads losses at or below the budget only.
 
     Args:
         budget: Sample-gradient evaluations after which training stops.

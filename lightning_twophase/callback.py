@@ -71,7 +71,7 @@ class ConvexitySwitch(Callback):
     (``detector="peak_ratio"``). The default, ``detector="log_slope"``
     (:class:`~lightning_twophase.detectors.LogSlopeDetector`), waits until
     :math:`\log \lVert g \rVert` falls linearly in :math:`\log L` with a positive slope, as
-    in a Polyak-Lojasiewicz region; on the package's reproduction benchmark it was never worse
+    in a Polyak-Lojasiewicz region. On the package's reproduction benchmark it was never worse
     than the 0.9 rule and lost less to Adam (``docs/benchmarks.md``).
 
     At the swap the optimizer that Lightning steps is replaced by
@@ -186,11 +186,13 @@ class ConvexitySwitch(Callback):
             cg_dtype=cg_dtype,
             figure_every_n_checks=figure_every_n_checks,
         )
+
         self.detector = make_detector(detector, ratio=ratio, patience=patience, statistic=statistic)
         self.min_epochs = min_epochs
         self.min_steps = min_steps
         self.check_every_n_steps = check_every_n_steps
         self.monitor = monitor
+
         self.cg_batch_size = cg_batch_size
         self.cg_micro_batch_size = cg_micro_batch_size
         self.cg_kwargs = {**DEFAULT_CG_KWARGS, **(cg_kwargs or {})}
@@ -198,9 +200,11 @@ class ConvexitySwitch(Callback):
         self.cg_dtype = cg_dtype
         self.figure_every_n_checks = figure_every_n_checks
         self.seed = seed
+
         self.switch_back_patience = switch_back_patience
         self.switch_back_margin = switch_back_margin
         self.cg_batch_policy = cg_batch_policy
+
         # Validates patience and margin now; the window is set at the swap.
         SwapBackGuard(1, 1 if switch_back_patience is None else switch_back_patience, switch_back_margin)
         validate_second_phase(self.cg_kwargs, optimizer_factory, monitor)
@@ -208,7 +212,7 @@ class ConvexitySwitch(Callback):
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
-        """Forget everything a previous ``fit`` recorded; a resumed fit reloads it afterwards."""
+        """Forget everything a previous ``fit`` recorded. A resumed fit reloads it afterwards."""
         self.detector.load_state_dict(copy.deepcopy(self._initial_detector_state))
         self.phase = Phase.ADAM
         self.switch_epoch: int | None = None

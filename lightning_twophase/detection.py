@@ -1,6 +1,6 @@
 """Swap-point detectors: interval statistics in, a swap decision with its reason out.
 
-A detector sees one :class:`IntervalStatistics` record per check interval (an epoch or a
+A detector receives one :class:`IntervalStatistics` record per check interval (an epoch or a
 fixed number of optimizer steps) and decides whether the Adam phase should end. Detectors
 are pure Python objects with no Lightning or tensor state, so they can be unit-tested
 without a ``Trainer`` and round-trip through a checkpoint as plain dictionaries.
@@ -48,7 +48,7 @@ class IntervalStatistics:
             :math:`(\\bar g_k - \\bar g_{k-1})^\\top \\Delta\\theta / \\lVert \\Delta\\theta \\rVert^2` with
             :math:`\\bar g_k` the interval's mean gradient and :math:`\\Delta\\theta` the change of the
             interval's mean parameters, in loss units per squared parameter units; ``None`` unless
-            the detector asks for it.
+            the detector requests it.
         trial_rate: Decrease of the log loss per sample gradient in a short CG trial run at the
             end of the interval; ``None`` unless the detector asked for a trial.
     """

@@ -311,7 +311,7 @@ class CostAwareDetector(_EvidenceDetector):
         adam = self.adam_rate()
         if stats.trial_rate is None:
             self._since_trial += 1
-            # Between trials the last verdict stands, so patience counts trials, not checks.
+            # Between trials the last verdict remains, so patience counts trials, not checks.
             return None, "no CG trial at this check."
 
         self._since_trial = 0

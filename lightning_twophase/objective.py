@@ -12,7 +12,7 @@ on :math:`B_i`, the objective is
 and its gradient is accumulated in ``.grad`` by one backward pass per micro-batch, so peak
 memory is that of one micro-batch. Under DDP each rank evaluates its shard of :math:`B`,
 DDP averages the gradients, and the loss is averaged over ranks inside the closure, so
-every rank sees the same value and takes the same line-search branch.
+every rank gets the same value and takes the same line-search branch.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What ``ConvexitySwitch`` logs: scalar dictionaries for any logger and TensorBoard panels.
+"""Logging of ``ConvexitySwitch``: scalar dictionaries for any logger and TensorBoard panels.
 
 Scalars go through every logger of the trainer, so ``CSVLogger`` gets them too. The panels
 (custom-scalars layout, norm-versus-loss image, swap texts) need a ``SummaryWriter`` and are

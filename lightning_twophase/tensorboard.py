@@ -1,7 +1,7 @@
 """TensorBoard panels of the two-phase run: custom-scalars layout, norm-versus-loss figure, swap text.
 
-Scalars go through the Trainer's loggers (so ``CSVLogger`` works too); the panels here need a
-``SummaryWriter`` and are written only when a ``TensorBoardLogger`` is attached, from rank zero.
+Scalars go through the Trainer's loggers, so ``CSVLogger`` works too. The panels here need a
+``SummaryWriter`` and are written only from rank zero when a ``TensorBoardLogger`` is attached.
 """
 
 from __future__ import annotations

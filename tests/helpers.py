@@ -355,8 +355,8 @@ def fit_logged_two_phase_run(save_dir: Path | str, name: str = "tiny", max_epoch
     """Fit :class:`TinyClassifier` with ``ConvexitySwitch`` and a ``TensorBoardLogger``; return the callback.
 
     The blobs data makes the gradient norm peak in epoch 0 and fall below 0.9 times the peak in
-    epoch 1, so the run swaps to CG at epoch 1 and trains ``max_epochs - 2`` CG epochs (about
-    5 s on one CPU core for the default 3 epochs).
+    epoch 1, so the run swaps to CG at epoch 1 and trains ``max_epochs - 2`` CG epochs. The
+    default 3 epochs took about 5 s on one CPU core.
     """
     from lightning.pytorch.loggers import TensorBoardLogger
 

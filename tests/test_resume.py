@@ -27,8 +27,8 @@ TOLERANCE = 1e-6
 SAMPLES = 256
 
 #: Sample gradients that a resume in the CG phase spends on top of the uninterrupted run. The
-#: CG objective reuses its last evaluation when the next step starts at unchanged parameters;
-#: that cache is not saved in the checkpoint, so the resumed run evaluates the CG batch once more.
+#: CG objective reuses its last evaluation when the next step starts at unchanged parameters.
+#: That cache is not saved in the checkpoint, so the resumed run evaluates the CG batch once more.
 EXTRA_SAMPLES = {"before_swap": 0, "after_swap": 0, "deep_cg": SAMPLES}
 
 
