@@ -4,7 +4,7 @@ Every method gets the same budget of sample-gradient evaluations (samples passed
 backward, line-search evaluations included), expressed in epochs of the training set:
 
 * ``adam``: the user's Adam on mini-batches for the whole budget (the baseline);
-* ``adam_cg``: ``ConvexitySwitch(detector="peak_ratio")``, the rule of Hrycej et al.
+* ``adam_cg``: ``ConvexitySwitch(detector="peak_ratio", switch_back_patience=None)``, the rule of Hrycej et al.
   (arXiv:2510.25366; swap when the gradient norm falls below 0.9 times its running maximum), then CG on the whole training set;
 * ``adam_lbfgs``: the same detector and CG batch, with ``torch.optim.LBFGS`` (strong Wolfe)
   after the swap;
@@ -12,12 +12,14 @@ backward, line-search evaluations included), expressed in epochs of the training
 * ``adam_cg_iter1``: as ``adam_cg`` with one CG iteration per Lightning step instead of
   ``--cg-max-iter``;
 * ``adam_cg_log_slope``, ``adam_cg_curvature``, ``adam_cg_cost_aware``: CG after the swap chosen
-  by ``LogSlopeDetector``, ``CurvatureDetector`` or ``CostAwareDetector`` with their defaults;
+  by ``LogSlopeDetector``, ``CurvatureDetector`` or ``CostAwareDetector`` with their defaults,
+  without the swap-back guard;
 * ``adam_cg_cost_aware_sparse``: ``CostAwareDetector(trial_every=10, trial_iterations=3)``, whose
   CG trials cost less of the budget;
-* ``adam_cg_guard``, ``adam_cg_log_slope_guard``, ``adam_cg_cost_aware_guard``: the
-  0.9-times-peak rule, the log-slope detector or the cost-aware detector, plus the swap-back
-  guard (``switch_back_patience=2``, ``switch_back_margin=1.0``);
+* ``adam_cg_guard``, ``adam_cg_log_slope_guard``, ``adam_cg_curvature_guard``,
+  ``adam_cg_cost_aware_guard``: the 0.9-times-peak rule or one of the three detectors with the
+  callback's default swap-back guard (``switch_back_patience=2``, ``switch_back_margin=1.0``,
+  ``swap_retry_factor=2.0``); ``adam_cg_log_slope_guard`` is ``ConvexitySwitch()`` with its defaults;
 * ``adam_cg_dynamic``: the 0.9-times-peak rule, then CG on a batch that starts at
   ``min(512, N // 4)`` samples and grows by ``DynamicBatchPolicy``'s variance test.
 
@@ -65,6 +67,7 @@ DETECTOR_METHODS = (
     "adam_cg_log_slope",
     "adam_cg_log_slope_guard",
     "adam_cg_curvature",
+    "adam_cg_curvature_guard",
     "adam_cg_cost_aware",
     "adam_cg_cost_aware_sparse",
     "adam_cg_guard",
@@ -76,9 +79,6 @@ DEFAULT_METHODS = ("adam", "adam_cg", "adam_lbfgs", "adam_cg_fixed")
 RESULTS = Path(__file__).parent / "results"
 DOCS_IMAGES = Path(__file__).parents[1] / "docs" / "img"
 
-#: Patience of the swap-back guard: CG must lose two consecutive windows, each of at least one
-#: training set of sample gradients (one CG step on the whole training set already fills one).
-GUARD_PATIENCE = 2
 #: First CG batch of ``adam_cg_dynamic``: this many samples, at most a quarter of the training set.
 DYNAMIC_INITIAL_SIZE = 512
 
@@ -114,6 +114,7 @@ class RunResult:
     switch_epoch: int | None = None
     switch_samples: int | None = None
     switch_back_epochs: list[int] = field(default_factory=list)
+    swap_epochs: list[int] = field(default_factory=list)
     history: list[list[float]] = field(default_factory=list)
     wall_s: float = 0.0
 
@@ -141,7 +142,6 @@ class BudgetMonitor(Callback):
         self.samples = 0
         self.next_point = 0
         self.points: list[list[float]] = []
-        self.switch_samples: int | None = None
         self._start = 0.0
         self._paused = 0.0
 
@@ -160,21 +160,14 @@ class BudgetMonitor(Callback):
         self._start = time.perf_counter()
         self._record(pl_module)
 
-    def _note_swap(self) -> None:
-        # The switch is listed first, so its hooks have run when this one runs. A swap at an
-        # epoch end is seen here before the first CG step, one at a step end in that step's hook.
-        if self.switch is not None and self.switch.switch_epoch is not None and self.switch_samples is None:
-            self.switch_samples = self._count()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._note_swap()
-
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.samples += extract_batch_size(batch)
-        self._note_swap()
 
         count = self._count()
-        if count >= self.next_point or count >= self.budget:
+        # A CG step spends several passes over the training set, so each one is recorded and
+        # the final in-budget loss is the one after the last CG step that fits the budget.
+        in_cg = self.switch is not None and self.switch.switched
+        if in_cg or count >= self.next_point or count >= self.budget:
             self._record(pl_module)
         if count >= self.budget:
             trainer.should_stop = True
@@ -186,20 +179,24 @@ def _detector_switch(spec: RunSpec, train_size: int) -> ConvexitySwitch:
         "adam_cg_log_slope": LogSlopeDetector,
         "adam_cg_log_slope_guard": LogSlopeDetector,
         "adam_cg_curvature": CurvatureDetector,
+        "adam_cg_curvature_guard": CurvatureDetector,
         "adam_cg_cost_aware": CostAwareDetector,
         "adam_cg_cost_aware_guard": CostAwareDetector,
     }
     if spec.method in detectors:
-        guard = GUARD_PATIENCE if spec.method.endswith("_guard") else None
-        return ConvexitySwitch(detector=detectors[spec.method](), cg_kwargs=cg_kwargs, switch_back_patience=guard)
+        # The guarded variants use the callback's defaults: patience 2, margin 1, retry factor 2.
+        guard = {} if spec.method.endswith("_guard") else {"switch_back_patience": None}
+        return ConvexitySwitch(detector=detectors[spec.method](), cg_kwargs=cg_kwargs, **guard)
     if spec.method == "adam_cg_cost_aware_sparse":
         sparse = CostAwareDetector(trial_every=10, trial_iterations=3)
-        return ConvexitySwitch(detector=sparse, cg_kwargs=cg_kwargs)
+        return ConvexitySwitch(detector=sparse, cg_kwargs=cg_kwargs, switch_back_patience=None)
     if spec.method == "adam_cg_guard":
-        return ConvexitySwitch(detector="peak_ratio", cg_kwargs=cg_kwargs, switch_back_patience=GUARD_PATIENCE)
+        return ConvexitySwitch(detector="peak_ratio", cg_kwargs=cg_kwargs)
     if spec.method == "adam_cg_dynamic":
         policy = DynamicBatchPolicy(initial_size=min(DYNAMIC_INITIAL_SIZE, train_size // 4))
-        return ConvexitySwitch(detector="peak_ratio", cg_kwargs=cg_kwargs, cg_batch_policy=policy)
+        return ConvexitySwitch(
+            detector="peak_ratio", cg_kwargs=cg_kwargs, cg_batch_policy=policy, switch_back_patience=None
+        )
     raise ValueError(f"Invalid method: {spec.method!r}. Expected one of {', '.join(METHODS)}.")
 
 
@@ -209,18 +206,19 @@ def _second_phase(spec: RunSpec, train_size: int) -> ConvexitySwitch | None:
     if spec.method in DETECTOR_METHODS:
         return _detector_switch(spec, train_size)
     if spec.method == "adam_cg":
-        return ConvexitySwitch(detector="peak_ratio", cg_kwargs={"max_iter": spec.cg_max_iter})
+        return ConvexitySwitch(detector="peak_ratio", cg_kwargs={"max_iter": spec.cg_max_iter}, switch_back_patience=None)
     if spec.method == "adam_cg_iter1":
-        return ConvexitySwitch(detector="peak_ratio", cg_kwargs={"max_iter": 1})
+        return ConvexitySwitch(detector="peak_ratio", cg_kwargs={"max_iter": 1}, switch_back_patience=None)
     if spec.method == "adam_cg_fixed":
-        return ConvexitySwitch(detector=FixedEpochDetector(epoch=spec.fixed_epoch), cg_kwargs={"max_iter": spec.cg_max_iter})
+        fixed = FixedEpochDetector(epoch=spec.fixed_epoch)
+        return ConvexitySwitch(detector=fixed, cg_kwargs={"max_iter": spec.cg_max_iter}, switch_back_patience=None)
     if spec.method == "adam_lbfgs":
         max_iter = spec.cg_max_iter
 
         def lbfgs(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
             return torch.optim.LBFGS(groups, max_iter=max_iter, line_search_fn="strong_wolfe")
 
-        return ConvexitySwitch(detector="peak_ratio", optimizer_factory=lbfgs)
+        return ConvexitySwitch(detector="peak_ratio", optimizer_factory=lbfgs, switch_back_patience=None)
     raise ValueError(f"Invalid method: {spec.method!r}. Expected one of {', '.join(METHODS)}.")
 
 
@@ -264,8 +262,9 @@ def run(spec: RunSpec) -> RunResult:
     result = RunResult(spec, train_size, budget, monitor.points, wall_s=wall)
     _, result.val_accuracy = model.evaluate(task.val)
     if switch is not None:
-        result.switch_epoch = switch.switch_epoch
-        result.switch_samples = monitor.switch_samples
+        result.swap_epochs = [swap["epoch"] for swap in switch.swaps]
+        result.switch_epoch = result.swap_epochs[0] if result.swap_epochs else None
+        result.switch_samples = switch.swaps[0]["samples"] if switch.swaps else None
         result.switch_back_epochs = [back["epoch"] for back in switch.switch_backs]
         result.history = [[p.epoch, p.loss, p.grad_norm, p.phase] for p in switch.history]
     return result
@@ -274,7 +273,7 @@ def run(spec: RunSpec) -> RunResult:
 def _describe(result: RunResult) -> str:
     spec = result.spec
     last = result.points[-1]
-    swap = f", swap epoch {result.switch_epoch}" if result.switch_epoch is not None else ""
+    swap = f", swap epoch {', '.join(map(str, result.swap_epochs))}" if result.swap_epochs else ""
     if result.switch_back_epochs:
         swap += f", swap back at epoch {', '.join(map(str, result.switch_back_epochs))}"
     return (
@@ -337,7 +336,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--image-prefix", default="reproduce", help="file-name prefix of the plots (default reproduce)")
     parser.add_argument("--points", type=int, default=25, help="recorded loss points per run (default 25)")
-    parser.add_argument("--cg-max-iter", type=int, default=5, help="CG (and L-BFGS) iterations per step (default 5)")
+    parser.add_argument("--cg-max-iter", type=int, default=2, help="CG (and L-BFGS) iterations per step (default 2)")
     parser.add_argument("--fixed-fraction", type=float, default=0.3, help="fixed swap epoch as a budget fraction")
 
     args = parser.parse_args(argv)

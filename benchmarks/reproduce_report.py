@@ -36,6 +36,7 @@ LABELS = {
     "adam_cg_iter1": "Adam+CG, max_iter 1",
     "adam_cg_log_slope": "Adam+CG (log slope)",
     "adam_cg_curvature": "Adam+CG (curvature)",
+    "adam_cg_curvature_guard": "Adam+CG (curvature, guard)",
     "adam_cg_cost_aware": "Adam+CG (cost-aware)",
     "adam_cg_cost_aware_sparse": "Adam+CG (cost-aware, sparse trials)",
     "adam_cg_guard": "Adam+CG (0.9 x peak, guard)",
@@ -51,6 +52,7 @@ COLORS = {
     "adam_cg_iter1": "tab:purple",
     "adam_cg_log_slope": "tab:red",
     "adam_cg_curvature": "tab:brown",
+    "adam_cg_curvature_guard": "sienna",
     "adam_cg_cost_aware": "tab:pink",
     "adam_cg_cost_aware_sparse": "tab:olive",
     "adam_cg_guard": "tab:cyan",
@@ -75,6 +77,7 @@ DETECTOR_METHODS = (
     "adam_cg_cost_aware_sparse",
     "adam_cg_guard",
     "adam_cg_log_slope_guard",
+    "adam_cg_curvature_guard",
     "adam_cg_cost_aware_guard",
     "adam_cg_dynamic",
 )
@@ -115,6 +118,11 @@ def _geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in finite) / len(finite))
 
 
+def _first_swap(run: dict[str, Any]) -> list[int]:
+    # Results written before retries existed record only the first swap.
+    return [] if run["switch_epoch"] is None else [run["switch_epoch"]]
+
+
 def summarize(methods: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Return per-method summaries of one pair, compared seed by seed with Adam."""
     baseline = methods.get(BASELINE, {})
@@ -139,6 +147,7 @@ def summarize(methods: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[s
             "ratios": ratios,
             "accuracy_drop": statistics.fmean(accuracy_drops) if accuracy_drops else math.nan,
             "swap_epochs": [run["switch_epoch"] for run in seeds.values()],
+            "all_swap_epochs": [run.get("swap_epochs") or _first_swap(run) for run in seeds.values()],
             "swap_back_epochs": [run.get("switch_back_epochs", []) for run in seeds.values()],
             "wall_s": statistics.fmean(run["wall_s"] for run in seeds.values()),
         }
@@ -155,14 +164,17 @@ def _fraction_text(row: dict[str, Any]) -> str:
 
 
 def _swap_text(row: dict[str, Any]) -> str:
-    """Return the swap epoch of each seed, with ``(back N)`` for a swap back to Adam at epoch N."""
-    epochs = row["swap_epochs"]
-    if all(e is None for e in epochs):
+    """Return the swap epochs of each seed, with ``(back N)`` after a swap back to Adam at epoch N.
+
+    Seeds are separated by commas, the retries of one seed by spaces: ``17 (back 18) 48``.
+    """
+    runs = row["all_swap_epochs"]
+    if not any(runs):
         return "-"
     texts = []
-    for epoch, backs in zip(epochs, row["swap_back_epochs"]):
-        text = "none" if epoch is None else str(epoch)
-        texts.append(text + "".join(f" (back {back})" for back in backs))
+    for swaps, backs in zip(runs, row["swap_back_epochs"]):
+        parts = [str(epoch) + (f" (back {backs[i]})" if i < len(backs) else "") for i, epoch in enumerate(swaps)]
+        texts.append(" ".join(parts) if parts else "none")
     return ", ".join(texts)
 
 

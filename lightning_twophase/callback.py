@@ -17,20 +17,21 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_twophase import tensorboard as panels
+from lightning_twophase.batch_policy import DynamicBatchPolicy
 from lightning_twophase.checks import (
-    validate_second_phase,
     check_cg_dataset,
     check_fit_start,
+    check_retry_factor,
     check_setup,
+    first_train_loader,
     resolve_cg_dtype,
     validate_arguments,
+    validate_second_phase,
 )
 from lightning_twophase.detection import Decision, DecisionReason, IntervalStatistics, SwapDetector, make_detector
-from lightning_twophase.batch_policy import DynamicBatchPolicy
-from lightning_twophase.checks import first_train_loader
 from lightning_twophase.lightning_plumbing import build_objective, convert_model_dtype
 from lightning_twophase.run_log import PanelWriter, cg_step_metrics, check_metrics, log_metrics
-from lightning_twophase.safeguard import SwapBackGuard, adam_rate_from_history
+from lightning_twophase.safeguard import SwapBackGuard, fit_adam_trend
 from lightning_twophase.trial import run_cg_trial
 from lightning_twophase.statistics import IntervalAccumulator, total_grad_norm
 from lightning_twophase.swap import (
@@ -55,7 +56,11 @@ class Phase(enum.IntEnum):
 
 
 #: Default keyword arguments of the CG optimizer built at the swap.
-DEFAULT_CG_KWARGS: dict[str, Any] = {"max_iter": 5}
+DEFAULT_CG_KWARGS: dict[str, Any] = {"max_iter": 2}
+
+#: The swap-back guard compares rates over windows of at least this many passes over the
+#: training set (or the CG batch), which averages out the step-to-step spread of CG's progress.
+GUARD_WINDOW_PASSES = 2
 
 
 class ConvexitySwitch(Callback):
@@ -109,7 +114,7 @@ class ConvexitySwitch(Callback):
         cg_micro_batch_size: Micro-batch size of the CG objective; ``None`` uses the
             training DataLoader's ``batch_size``.
         cg_kwargs: Keyword arguments of :class:`~lightning_twophase.ConjugateGradient`,
-            merged over ``{"max_iter": 5}``.
+            merged over ``{"max_iter": 2}``.
         optimizer_factory: Builds another closure-based optimizer (for example
             ``lambda groups: torch.optim.LBFGS(groups, line_search_fn="strong_wolfe")``) from
             the parameter groups; replaces ``cg_kwargs``.
@@ -119,10 +124,16 @@ class ConvexitySwitch(Callback):
         figure_every_n_checks: Refresh the norm-versus-loss image every this many checks.
         seed: Seed of the random subset when ``cg_batch_size`` is smaller than the data.
         switch_back_patience: Swap back to the kept Adam optimizer after this many consecutive
-            windows (each at least one training set of sample gradients) in which CG lowers the
-            log loss per sample gradient more slowly than Adam did before the swap; ``None``
-            disables the guard.
+            windows (each at least two training sets of sample gradients) in which CG lowers the
+            log loss per sample gradient more slowly than ``switch_back_margin`` times the rate
+            of Adam's power-law trend, fitted before the swap, at the same loss, and stays above
+            that trend (see :mod:`lightning_twophase.safeguard`); ``None`` disables the guard.
         switch_back_margin: CG loses a window when its rate is below this factor times Adam's.
+            The default 0.25 tolerates the slow start of CG, whose rate right after a swap is
+            often 2 to 6 times below Adam's before it grows.
+        swap_retry_factor: After a swap back, the detector may swap again once the sample
+            gradients spent have grown by this factor since the swap back; ``None`` keeps Adam
+            for the rest of the run.
         cg_batch_policy: A :class:`~lightning_twophase.batch_policy.DynamicBatchPolicy` that
             starts the CG batch at its ``initial_size`` and grows it by a variance test;
             replaces ``cg_batch_size``.
@@ -132,7 +143,9 @@ class ConvexitySwitch(Callback):
         switch_epoch: Epoch (counted from 0) at whose end the swap happened, or ``None``.
         switch_step: Global step of the swap, or ``None``.
         switch_reason: The detector's message at the swap.
-        switch_backs: One dict per swap back to Adam (epoch, step, reason, loss, grad_norm).
+        swaps: One dict per swap to CG (epoch, step, samples, reason); ``switch_epoch``,
+            ``switch_step`` and ``switch_reason`` describe the last of them.
+        switch_backs: One dict per swap back to Adam (epoch, step, samples, reason, loss, grad_norm).
         history: :class:`~lightning_twophase.tensorboard.CheckPoint` records: one per Adam-phase
             check and one per CG step that lowered the loss.
         sample_gradients: Samples passed forward and backward so far, over all ranks, including
@@ -171,8 +184,9 @@ class ConvexitySwitch(Callback):
         cg_dtype: torch.dtype | str | None = None,
         figure_every_n_checks: int = 5,
         seed: int = 0,
-        switch_back_patience: int | None = None,
-        switch_back_margin: float = 1.0,
+        switch_back_patience: int | None = 2,
+        switch_back_margin: float = 0.25,
+        swap_retry_factor: float | None = 2.0,
         cg_batch_policy: DynamicBatchPolicy | None = None,
     ) -> None:
         cg_dtype = resolve_cg_dtype(cg_dtype)
@@ -203,10 +217,12 @@ class ConvexitySwitch(Callback):
 
         self.switch_back_patience = switch_back_patience
         self.switch_back_margin = switch_back_margin
+        self.swap_retry_factor = swap_retry_factor
         self.cg_batch_policy = cg_batch_policy
 
         # Validates patience and margin now; the window is set at the swap.
         SwapBackGuard(1, 1 if switch_back_patience is None else switch_back_patience, switch_back_margin)
+        check_retry_factor(swap_retry_factor)
         validate_second_phase(self.cg_kwargs, optimizer_factory, monitor)
         self._initial_detector_state = copy.deepcopy(self.detector.state_dict())
         self._reset_run_state()
@@ -221,6 +237,7 @@ class ConvexitySwitch(Callback):
         self.sample_gradients = 0
         self.history: list[CheckPoint] = []
         self.last_decision: Decision | None = None
+        self.swaps: list[dict[str, Any]] = []
         self.switch_backs: list[dict[str, Any]] = []
         self.cg_batch_size_used: int | None = None
 
@@ -281,7 +298,7 @@ class ConvexitySwitch(Callback):
         if self.phase == Phase.CG and self._objective is None:
             self._build_objective(trainer)
         if self.phase == Phase.CG and self._pending_guard_state is not None and self.switch_back_patience is not None:
-            self._arm_guard(trainer)
+            self._arm_guard(trainer, evaluate=False)
             self._guard.load_state_dict(self._pending_guard_state)
             self._pending_guard_state = None
 
@@ -344,6 +361,7 @@ class ConvexitySwitch(Callback):
             "history": [vars(point) for point in self.history],
             "accumulator": accumulator,
             "cg_dtype": str(self.cg_dtype) if self.cg_dtype is not None else None,
+            "swaps": list(self.swaps),
             "switch_backs": list(self.switch_backs),
             "guard": self._guard.state_dict() if self._guard is not None else None,
             "first_optimizer_state": self._first_optimizer_state(),
@@ -368,6 +386,7 @@ class ConvexitySwitch(Callback):
         self.detector.load_state_dict(state_dict.get("detector", {}))
         self.history = [CheckPoint(**point) for point in state_dict.get("history", [])]
         self._pending_accumulator_state = state_dict.get("accumulator")
+        self.swaps = list(state_dict.get("swaps", []))
         self.switch_backs = list(state_dict.get("switch_backs", []))
         self._pending_guard_state = state_dict.get("guard")
         self._pending_first_optimizer_state = state_dict.get("first_optimizer_state")
@@ -409,7 +428,9 @@ class ConvexitySwitch(Callback):
             self.history.append(self._point(stats, Phase.ADAM))
 
         self._log_check(trainer, stats)
-        if decision.swap and self._swaps_allowed():
+        if self._retry_due():
+            self._swap(trainer, pl_module, self._retry_decision())
+        elif decision.swap and self._swaps_allowed():
             self._swap(trainer, pl_module, decision)
         elif len(self.history) % self.figure_every_n_checks == 0:
             self._write_figure(trainer)
@@ -436,9 +457,25 @@ class ConvexitySwitch(Callback):
         )
 
     def _swaps_allowed(self) -> bool:
-        # After a swap back the run stays with Adam: the detector fired once on this run and
-        # CG then lost to Adam, so a second swap would most likely repeat the loss.
+        # The detector decides the first swap only; after a swap back, _retry_due does.
         return not self.switch_backs
+
+    def _retry_due(self) -> bool:
+        # After a swap back, the detector had found its evidence and CG then lost on speed at
+        # that loss level. Adam's rate falls as training goes on while CG's does not, so the
+        # callback retries without asking the detector again. The wait grows geometrically,
+        # which bounds the sample gradients that repeated failures can cost.
+        if not self.switch_backs or self.swap_retry_factor is None:
+            return False
+        return self.sample_gradients >= self.swap_retry_factor * self.switch_backs[-1].get("samples", 0)
+
+    def _retry_decision(self) -> Decision:
+        back = self.switch_backs[-1]
+        message = (
+            f"Retry: {self.sample_gradients} sample gradients, {self.swap_retry_factor:g} times the"
+            f" {back.get('samples', 0)} at the swap back in epoch {back['epoch']}."
+        )
+        return Decision(True, DecisionReason.SWAP, message)
 
     def _run_trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
         if self._objective is None:
@@ -459,6 +496,12 @@ class ConvexitySwitch(Callback):
         self.switch_epoch = trainer.current_epoch
         self.switch_step = trainer.global_step
         self.switch_reason = decision.message
+        self.swaps.append({
+            "epoch": self.switch_epoch,
+            "step": self.switch_step,
+            "samples": self.sample_gradients,
+            "reason": decision.message,
+        })
         self.phase = Phase.CG
         self._warn_dropped(trainer)
         self._keep_first_phase(trainer)
@@ -493,24 +536,34 @@ class ConvexitySwitch(Callback):
         self._first_phase = FirstPhase.capture(trainer, self._pending_first_optimizer_state)
         self._pending_first_optimizer_state = None
 
-    def _arm_guard(self, trainer: pl.Trainer) -> None:
+    def _arm_guard(self, trainer: pl.Trainer, evaluate: bool = True) -> None:
         if self.switch_back_patience is None:
             return
         dataset = first_train_loader(trainer.train_dataloader).dataset
         # An IterableDataset has no length, so its CG batch (cg_batch_size, required there) sets the window.
-        window = max(1, len(dataset) if hasattr(dataset, "__len__") else (self.cg_batch_size or 1))
+        size = len(dataset) if hasattr(dataset, "__len__") else (self.cg_batch_size or 1)
+        window = max(1, GUARD_WINDOW_PASSES * size)
         self._guard = SwapBackGuard(window, self.switch_back_patience, self.switch_back_margin)
+        if not evaluate:
+            return
+
         adam_points = [(p.loss, p.samples) for p in self.history if p.phase == int(Phase.ADAM)]
-        loss = adam_points[-1][0] if adam_points else float("nan")
-        self._guard.start(adam_rate_from_history(adam_points), loss, self.sample_gradients)
+        # CG's first step starts at this point, and the objective's cache hands it this very
+        # evaluation, so reading the starting loss costs no extra sample gradients.
+        loss = float(self._evaluate_objective())
+        self._guard.start(fit_adam_trend(adam_points), loss, self.sample_gradients)
         if not self._guard.armed:
             rank_zero_warn(
-                "ConvexitySwitch: the swap-back guard is off for this run, because the Adam phase had fewer than"
-                " two checks with a falling loss to measure its rate. Raise min_epochs to keep it."
+                "ConvexitySwitch: the swap-back guard is off for this swap, because the Adam phase had fewer than"
+                " three checks with a falling loss to fit its trend. Raise min_epochs to keep it."
             )
 
     def _maybe_swap_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._guard is None or self._objective is None or self._objective.last_loss is None:
+            return
+        stats = getattr(trainer.optimizers[0], "last_stats", None)
+        if stats is not None and stats.reason.value in ("converged_grad", "converged_change"):
+            # CG reached the tolerance the user set; its zero rate is not a reason to leave it.
             return
         verdict = self._guard.update(self._objective.last_loss, self.sample_gradients)
         if verdict.swap_back:
@@ -530,6 +583,7 @@ class ConvexitySwitch(Callback):
         self.switch_backs.append({
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
+            "samples": self.sample_gradients,
             "reason": reason,
             "loss": self._objective.last_loss if self._objective is not None else None,
             "grad_norm": getattr(stats, "grad_norm", None),

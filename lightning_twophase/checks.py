@@ -15,8 +15,8 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import IterableDataset
 
-__all__ = ["check_cg_dataset", "check_fit_start", "check_setup", "resolve_cg_dtype", "validate_arguments",
-           "validate_second_phase"]
+__all__ = ["check_cg_dataset", "check_fit_start", "check_retry_factor", "check_setup", "resolve_cg_dtype",
+           "validate_arguments", "validate_second_phase"]
 
 _SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
 
@@ -30,6 +30,20 @@ def _check_positive_int(name: str, value: Any, allow_none: bool = False, allow_z
         if allow_none:
             expected += " or None"
         raise ValueError(f"Invalid {name}: {value!r}. Expected {expected}.")
+
+
+def check_retry_factor(value: Any) -> None:
+    """Validate ``swap_retry_factor``: ``None`` or a finite number >= 1.
+
+    Raises:
+        ValueError: On any other value.
+    """
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1.0 <= value < float("inf"):
+        raise ValueError(
+            f"Invalid swap_retry_factor: {value!r}. Use a number >= 1 such as 2.0, or None to never swap again."
+        )
 
 
 _CG_DTYPE_NAMES = {"float32": torch.float32, "float64": torch.float64}

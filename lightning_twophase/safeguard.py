@@ -1,37 +1,106 @@
-r"""Swap-back safeguard: return to Adam when CG makes less progress per sample than Adam did.
+r"""Swap-back safeguard: return to Adam when CG lowers the loss more slowly than Adam would.
 
-At the swap the guard stores Adam's recent rate of log-loss decrease per sample gradient,
+Adam's training loss on these problems falls roughly as a power law in the sample gradients
+spent, :math:`L_A(S) = c\, S^{-p}`. At the swap the guard fits :math:`\log L = \log c - p \log S`
+by least squares to the Adam-phase checks of the second half of the Adam phase. From the fit,
+Adam's rate of log-loss decrease per sample gradient at a loss level :math:`L` is
 
 .. math::
 
-    r_{\text{Adam}} = \frac{\log L_{k-w} - \log L_k}{S_k - S_{k-w}},
+    r_A(L) = \frac{p}{S_A(L)}, \qquad S_A(L) = \left(\frac{c}{L}\right)^{1/p},
 
-from the last :math:`w` checks of the Adam phase. In the CG phase it measures the same rate
-over windows of at least ``window_samples`` sample gradients. When CG's rate stays below
-``margin`` :math:`\cdot\, r_{\text{Adam}}` for ``patience`` consecutive windows, it requests
-the swap back.
+where :math:`S_A(L)` is the sample count at which Adam's trend reaches :math:`L`. The rate is
+read at the loss CG has reached, so a CG phase that has gained on Adam is compared with the
+slower rate Adam would have at that lower loss, and a CG phase that stalls is compared with the
+faster rate Adam had there.
+
+In the CG phase the guard measures CG's own rate
+:math:`r_{CG} = (\log L_{\text{start}} - \log L_{\text{end}}) / (S_{\text{end}} - S_{\text{start}})`
+over windows of at least ``window_samples`` sample gradients. A window is lost when both
+
+* CG is slower: :math:`r_{CG} <` ``margin`` :math:`\cdot\, r_A(\sqrt{L_{\text{start}} L_{\text{end}}})`, and
+* CG is behind: :math:`L_{\text{end}} > L_A(S_{\text{end}})`, the loss Adam's trend reaches
+  with the same sample gradients,
+
+and ``patience`` consecutive lost windows request the swap back. The second condition keeps CG
+when it has stalled far below Adam's trend, for example at the float32 rounding floor, where
+the power law would promise Adam a progress it has never shown.
+
+Comparing rates, not losses, makes the decision forward-looking: samples already spent in the CG
+phase are sunk, and the question at each window is which optimizer lowers the loss faster from
+here. CG converges linearly (a constant rate) once it is in a convex basin, while Adam's rate
+falls as :math:`1/S`, so CG that keeps its rate overtakes Adam even when it starts behind.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from lightning_twophase.trial import log_loss_rate
 
-__all__ = ["SwapBackGuard", "SwapBackVerdict", "adam_rate_from_history"]
+__all__ = ["AdamTrend", "SwapBackGuard", "SwapBackVerdict", "fit_adam_trend"]
+
+#: Upper bound on the fitted exponent; a steeper fit comes from a few noisy checks.
+MAX_EXPONENT = 20.0
 
 
-def adam_rate_from_history(points: list[tuple[float, int]], window: int = 3) -> float | None:
-    """Return Adam's log-loss rate per sample gradient over the last ``window`` (loss, samples) points."""
-    usable = [(loss, samples) for loss, samples in points if loss > 0.0 and math.isfinite(loss)]
-    if len(usable) < 2:
+@dataclass(frozen=True)
+class AdamTrend:
+    r"""Power law :math:`L_A(S) = e^{a} S^{-p}` fitted to Adam's checks.
+
+    Attributes:
+        log_scale: :math:`a = \log c`.
+        exponent: :math:`p \ge 0`; 0 means Adam's loss was not falling.
+        points: Checks in the fit.
+    """
+
+    log_scale: float
+    exponent: float
+    points: int
+
+    def samples_at(self, loss: float) -> float:
+        """Return :math:`S_A(L)`, the sample gradients at which the trend reaches ``loss``."""
+        return math.exp((self.log_scale - math.log(loss)) / self.exponent)
+
+    def loss_at(self, samples: float) -> float:
+        """Return :math:`L_A(S)`, the trend's loss after ``samples`` sample gradients."""
+        return math.exp(self.log_scale - self.exponent * math.log(samples))
+
+    def rate_at(self, loss: float) -> float:
+        """Return Adam's log-loss decrease per sample gradient at ``loss`` (0 for a flat trend)."""
+        if self.exponent <= 0.0 or not loss > 0.0:
+            return 0.0
+        return self.exponent / self.samples_at(loss)
+
+
+def fit_adam_trend(points: list[tuple[float, int]], min_points: int = 3) -> AdamTrend | None:
+    """Fit the power law to the (loss, samples) checks of the second half of the Adam phase.
+
+    Checks with a non-positive or non-finite loss, or no samples yet, are skipped. Returns
+    ``None`` with fewer than ``min_points`` usable checks or no spread in the sample counts.
+    """
+    usable = [(loss, samples) for loss, samples in points if samples > 0 and loss > 0.0 and math.isfinite(loss)]
+    if not usable:
         return None
-    first = usable[max(0, len(usable) - 1 - window)]
-    last = usable[-1]
-    rate = log_loss_rate(first[0], last[0], last[1] - first[1])
-    return None if math.isnan(rate) else rate
+    half = usable[-1][1] / 2.0
+    tail = [point for point in usable if point[1] >= half]
+    if len(tail) < min_points:
+        tail = usable[-min_points:]
+    if len(tail) < min_points:
+        return None
+
+    xs = [math.log(samples) for _, samples in tail]
+    ys = [math.log(loss) for loss, _ in tail]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    if sxx <= 0.0:
+        return None
+
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sxx
+    exponent = min(max(-slope, 0.0), MAX_EXPONENT)
+    return AdamTrend(log_scale=mean_y + exponent * mean_x, exponent=exponent, points=len(tail))
 
 
 @dataclass(frozen=True)
@@ -41,17 +110,20 @@ class SwapBackVerdict:
     Attributes:
         swap_back: Whether to return to Adam now.
         cg_rate: CG's rate over the window just closed, or NaN when no window closed.
+        adam_rate: Adam's trend rate at the window's loss level, or NaN when no window closed.
         message: One sentence for logs and the TensorBoard text entry.
     """
 
     swap_back: bool
     cg_rate: float
+    adam_rate: float
     message: str
 
 
 @dataclass
 class _GuardState:
-    adam_rate: float | None = None
+    log_scale: float | None = None
+    exponent: float | None = None
     mark_loss: float | None = None
     mark_samples: int = 0
     failures: int = 0
@@ -63,56 +135,76 @@ class SwapBackGuard:
     Args:
         window_samples: Smallest number of sample gradients in one comparison window; the
             training-set size is a natural choice.
-        patience: Consecutive losing windows before the swap back.
-        margin: CG loses a window when its rate is below ``margin`` times Adam's rate.
+        patience: Consecutive lost windows before the swap back.
+        margin: CG loses a window when its rate is below ``margin`` times Adam's trend rate.
 
     Raises:
         ValueError: On a non-positive window, patience or margin.
     """
 
-    def __init__(self, window_samples: int, patience: int = 3, margin: float = 1.0) -> None:
+    def __init__(self, window_samples: int, patience: int = 2, margin: float = 0.25) -> None:
         if window_samples < 1:
             raise ValueError(f"Invalid window_samples: {window_samples}. Use a positive number of samples.")
-        if patience < 1:
-            raise ValueError(f"Invalid switch_back_patience: {patience}. Use an int >= 1.")
-        if not margin > 0.0:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"Invalid switch_back_patience: {patience!r}. Use an int >= 1, or None to disable.")
+        if not margin > 0.0 or not math.isfinite(margin):
             raise ValueError(f"Invalid switch_back_margin: {margin}. Use a positive factor such as 1.0.")
         self.window_samples = window_samples
         self.patience = patience
         self.margin = margin
         self._state = _GuardState()
 
-    def start(self, adam_rate: float | None, loss: float, samples: int) -> None:
-        """Arm the guard at the swap with Adam's rate and the current loss and sample count."""
-        self._state = _GuardState(adam_rate=adam_rate, mark_loss=loss, mark_samples=samples)
+    def start(self, trend: AdamTrend | None, loss: float, samples: int) -> None:
+        """Arm the guard at the swap with Adam's trend and CG's starting loss and sample count."""
+        self._state = _GuardState(
+            log_scale=None if trend is None else trend.log_scale,
+            exponent=None if trend is None else trend.exponent,
+            mark_loss=loss,
+            mark_samples=samples,
+        )
+
+    @property
+    def trend(self) -> AdamTrend | None:
+        """Adam's fitted trend, or ``None`` when the guard is not armed."""
+        state = self._state
+        if state.exponent is None or state.log_scale is None:
+            return None
+        return AdamTrend(state.log_scale, state.exponent, points=0)
 
     @property
     def armed(self) -> bool:
-        """Whether the guard has a usable Adam rate to compare with."""
-        return self._state.adam_rate is not None and self._state.adam_rate > 0.0
+        """Whether the guard has a falling Adam trend and a finite starting loss to compare with."""
+        trend = self.trend
+        mark = self._state.mark_loss
+        return trend is not None and trend.exponent > 0.0 and mark is not None and math.isfinite(mark) and mark > 0.0
 
-    # NOTE: Adam's rate just before the swap is usually higher than what Adam sustains later, so
-    # on the digits benchmark this guard swapped back from runs that CG went on to win 76-316x.
     def update(self, loss: float, samples: int) -> SwapBackVerdict:
         """Record CG's loss after ``samples`` sample gradients in all and decide."""
         state = self._state
-        if not self.armed or state.mark_loss is None:
-            return SwapBackVerdict(False, math.nan, "Guard not armed: no positive Adam rate at the swap.")
+        if not self.armed:
+            return SwapBackVerdict(False, math.nan, math.nan, "Guard not armed: no falling Adam trend at the swap.")
         if samples - state.mark_samples < self.window_samples:
-            return SwapBackVerdict(False, math.nan, "Window still open.")
+            return SwapBackVerdict(False, math.nan, math.nan, "Window still open.")
 
-        rate = log_loss_rate(state.mark_loss, loss, samples - state.mark_samples)
-        losing = not (rate >= self.margin * state.adam_rate)
-        state.failures = state.failures + 1 if losing else 0
+        cg_rate = log_loss_rate(state.mark_loss, loss, samples - state.mark_samples)
+        level = math.sqrt(state.mark_loss * loss) if loss > 0.0 and math.isfinite(loss) else state.mark_loss
+        adam_rate = self.trend.rate_at(level)
+        adam_loss = self.trend.loss_at(samples)
+        slower = not (cg_rate >= self.margin * adam_rate)
+        behind = not (loss <= adam_loss)
+        state.failures = state.failures + 1 if (slower and behind) else 0
         state.mark_loss, state.mark_samples = loss, samples
+
         message = (
-            f"CG rate {rate:.3g} vs Adam rate {state.adam_rate:.3g} per sample gradient;"
-            f" {state.failures} losing window(s) of {self.patience}."
+            f"CG lowered the log loss by {cg_rate:.3g} per sample gradient to {loss:.3g}; Adam's trend"
+            f" (loss ~ S^-{state.exponent:.3g}) gives {adam_rate:.3g} at loss {level:.3g} and reaches"
+            f" {adam_loss:.3g} with the same sample gradients; {state.failures} lost window(s) of {self.patience}."
         )
-        return SwapBackVerdict(state.failures >= self.patience, rate, message)
+        return SwapBackVerdict(state.failures >= self.patience, cg_rate, adam_rate, message)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self._state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state = _GuardState(**state)
+        known = {f.name for f in fields(_GuardState)}
+        self._state = _GuardState(**{key: value for key, value in state.items() if key in known})

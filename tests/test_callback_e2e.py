@@ -133,10 +133,12 @@ def test_dict_output_and_sample_count():
     optimizer_evaluations = trainer.optimizers[0].state[next(model.parameters())]["func_evals"]
     assert switch.switched
     assert objective.evaluations > 0
-    # The first closure call of every CG step after the first reuses the previous step's end point.
+    # The first closure call of every CG step reuses a cached evaluation: the guard's starting
+    # evaluation at the swap for the first step, the previous step's end point for the others.
     cg_steps = trainer.global_step - switch.switch_step
-    assert objective.reused == cg_steps - 1
-    assert objective.evaluations + objective.reused == optimizer_evaluations
+    assert objective.reused == cg_steps
+    # The guard's evaluation is the one the optimizer did not ask for.
+    assert objective.evaluations - 1 + objective.reused == optimizer_evaluations
     # Every training batch counts its mini-batch; every evaluation counts the whole set.
     assert switch.sample_gradients == trainer.global_step * BATCH_SIZE + objective.evaluations * SAMPLES
 
@@ -356,7 +358,12 @@ def test_second_fit_starts_fresh():
 
 
 def test_cg_convergence_announced_once(caplog):
-    switch = ConvexitySwitch(detector="peak_ratio", cg_micro_batch_size=WHOLE_SET_MICRO_BATCH, cg_kwargs={"tolerance_grad": 1e-2})
+    switch = ConvexitySwitch(
+        detector="peak_ratio",
+        cg_micro_batch_size=WHOLE_SET_MICRO_BATCH,
+        cg_kwargs={"tolerance_grad": 1e-2},
+        switch_back_patience=None,
+    )
 
     with caplog.at_level("INFO"):
         fit(TinyClassifier(), switch, max_epochs=5)

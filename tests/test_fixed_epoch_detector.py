@@ -70,7 +70,7 @@ def test_invalid_statistic_rejected():
 
 def test_trainer_swaps_at_fixed_epoch():
     torch.manual_seed(0)
-    switch = ConvexitySwitch(detector=FixedEpochDetector(epoch=2), cg_kwargs={"max_iter": 1})
+    switch = ConvexitySwitch(detector=FixedEpochDetector(epoch=2), cg_kwargs={"max_iter": 1}, switch_back_patience=None)
     trainer = make_trainer(max_epochs=4, callbacks=[switch])
     trainer.fit(TinyClassifier(batch_size=64))
 
