@@ -361,7 +361,7 @@ def test_cg_convergence_announced_once(caplog):
     switch = ConvexitySwitch(
         detector="peak_ratio",
         cg_micro_batch_size=WHOLE_SET_MICRO_BATCH,
-        cg_kwargs={"tolerance_grad": 1e-2},
+        cg_kwargs={"tolerance_grad": 1e-2, "max_iter": 5},
         switch_back_patience=None,
     )
 
