@@ -49,15 +49,26 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=6, help="epochs in total, both phases (default 6)")
     parser.add_argument("--samples", type=int, default=512, help="digits samples in the training set")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size per process (default 32)")
+    parser.add_argument(
+        "--losing-guard", action="store_true", help="swap back after every CG window, then retry (margin 1e6)"
+    )
     args = parser.parse_args()
 
     L.seed_everything(0, verbose=False)
-    model = TinyClassifier(
-        features=64, classes=10, hidden=16, lr=0.01, dataset=digits_dataset(args.samples),
-        batch_size=args.batch_size,
-    )
-    # The swap back to Adam is off, so that the run stays in the CG phase whose DDP behaviour is tested.
-    switch = ConvexitySwitch(detector="peak_ratio", min_epochs=2, cg_micro_batch_size=128, cg_kwargs={"max_iter": 3}, switch_back_patience=None)
+    if args.losing_guard:
+        # On the default blobs data CG stays above Adam's trend, so the guard's windows are lost.
+        model = TinyClassifier(batch_size=args.batch_size)
+    else:
+        model = TinyClassifier(
+            features=64, classes=10, hidden=16, lr=0.01, dataset=digits_dataset(args.samples),
+            batch_size=args.batch_size,
+        )
+    # By default the swap back to Adam is off, so that the run stays in the CG phase whose DDP
+    # behaviour is tested. --losing-guard makes every CG window a lost one instead.
+    # The guard needs three Adam checks to fit Adam's trend, hence the later earliest swap.
+    losing = {"switch_back_patience": 1, "switch_back_margin": 1e6, "min_epochs": 3}
+    guard = losing if args.losing_guard else {"switch_back_patience": None, "min_epochs": 2}
+    switch = ConvexitySwitch(detector="peak_ratio", cg_micro_batch_size=128, cg_kwargs={"max_iter": 3}, **guard)
     strategy = "ddp" if args.devices > 1 else "auto"
     trainer = make_trainer(max_epochs=args.max_epochs, devices=args.devices, strategy=strategy, callbacks=[switch])
     trainer.fit(model)
@@ -76,6 +87,8 @@ def main() -> None:
         "cg_shard": cg_shard_indices(switch) if switch.switched else [],
         "final_loss": cg_points[-1].loss if cg_points else None,
         "losses": [point.loss for point in switch.history],
+        "swap_steps": [swap["step"] for swap in switch.swaps],
+        "switch_back_steps": [back["step"] for back in switch.switch_backs],
     }
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / f"rank{trainer.global_rank}.json").write_text(json.dumps(record, indent=1))

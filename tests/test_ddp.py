@@ -30,7 +30,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run_worker(output: Path, devices: int, batch_size: int) -> list[dict]:
+def _run_worker(output: Path, devices: int, batch_size: int, *extra: str) -> list[dict]:
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -47,6 +47,7 @@ def _run_worker(output: Path, devices: int, batch_size: int) -> list[dict]:
         f"--batch-size={batch_size}",
         f"--max-epochs={EPOCHS}",
         f"--samples={SAMPLES}",
+        *extra,
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"worker failed with exit code {result.returncode}:\n{result.stderr[-4000:]}"
@@ -103,3 +104,18 @@ def test_ddp_loss_matches_single_process(ddp_records: list[dict], single_record:
     # Measured on CPU: 2.6e-7 (DDP) against 1.5e-7 (one process) after 5 epochs, swap at epoch 2
     # in both. The bound leaves room for float32 round-off at losses this small.
     assert single_loss / 3 <= ddp_loss <= 3 * single_loss
+
+
+@pytest.fixture(scope="module")
+def guard_records(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return _run_worker(tmp_path_factory.mktemp("ddp_guard"), 2, 16, "--losing-guard", "--max-epochs=16")
+
+
+def test_ddp_swap_back_and_retry_in_step(guard_records: list[dict]) -> None:
+    first, second = guard_records
+
+    assert first["switch_back_steps"], "the losing guard never swapped back"
+    assert len(first["swap_steps"]) >= 2, "no retry after the swap back"
+    assert first["swap_steps"] == second["swap_steps"]
+    assert first["switch_back_steps"] == second["switch_back_steps"]
+    assert first["digests"] == second["digests"]
