@@ -555,7 +555,7 @@ class ConvexitySwitch(Callback):
         if not self._guard.armed:
             rank_zero_warn(
                 "ConvexitySwitch: the swap-back guard is off for this swap, because the Adam phase had fewer than"
-                " three checks with a falling loss to fit its trend. Raise min_epochs to keep it."
+                " two checks, or a loss that did not fall, to fit its trend. Raise min_epochs to keep it."
             )
 
     def _maybe_swap_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -75,11 +75,13 @@ class AdamTrend:
         return self.exponent / self.samples_at(loss)
 
 
-def fit_adam_trend(points: list[tuple[float, int]], min_points: int = 3) -> AdamTrend | None:
+def fit_adam_trend(points: list[tuple[float, int]], min_points: int = 2) -> AdamTrend | None:
     """Fit the power law to the (loss, samples) checks of the second half of the Adam phase.
 
-    Checks with a non-positive or non-finite loss, or no samples yet, are skipped. Returns
-    ``None`` with fewer than ``min_points`` usable checks or no spread in the sample counts.
+    When the second half holds fewer than ``min_points`` checks, the last ``min_points`` are
+    used, so a swap after the second check still gets a trend. Checks with a non-positive or
+    non-finite loss, or no samples yet, are skipped. Returns ``None`` with fewer than
+    ``min_points`` usable checks or no spread in the sample counts.
     """
     usable = [(loss, samples) for loss, samples in points if samples > 0 and loss > 0.0 and math.isfinite(loss)]
     if not usable:

@@ -66,6 +66,13 @@ def test_trend_skips_unusable_points():
     assert fit_adam_trend(points).exponent == pytest.approx(0.5, rel=1e-12)
 
 
+def test_trend_from_two_checks():
+    trend = fit_adam_trend(power_law_points(1.0, 2.0, [100, 200]))
+
+    assert trend.exponent == pytest.approx(2.0, rel=1e-12)
+    assert trend.points == 2
+
+
 def test_trend_of_rising_loss_is_flat():
     trend = fit_adam_trend(power_law_points(1.0, -1.0, [100, 150, 200]))
 
@@ -75,7 +82,7 @@ def test_trend_of_rising_loss_is_flat():
 
 @pytest.mark.parametrize(
     "points",
-    [[], [(1.0, 10), (0.5, 20)], [(1.0, 10), (0.9, 10), (0.8, 10)], [(1.0, 10), (float("inf"), 20), (0.5, 30)]],
+    [[], [(1.0, 10)], [(1.0, 10), (0.9, 10), (0.8, 10)], [(1.0, 0), (float("inf"), 20), (0.5, 30)]],
 )
 def test_trend_undefined(points):
     assert fit_adam_trend(points) is None
