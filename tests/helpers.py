@@ -363,7 +363,7 @@ def fit_logged_two_phase_run(save_dir: Path | str, name: str = "tiny", max_epoch
     from lightning_twophase import ConvexitySwitch
 
     L.seed_everything(0, verbose=False)
-    switch = ConvexitySwitch(detector="peak_ratio", min_epochs=1, cg_kwargs={"max_iter": 2})
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, min_epochs=1, cg_kwargs={"max_iter": 2})
     logger = TensorBoardLogger(str(save_dir), name=name)
     trainer = make_trainer(max_epochs=max_epochs, callbacks=[switch], logger=logger, **trainer_kwargs)
     trainer.fit(TinyClassifier())

@@ -65,7 +65,7 @@ def whole_set_loss(model: TinyClassifier) -> float:
 def test_swap_installs_cg_and_loss_falls():
     torch.manual_seed(0)
     model = TinyClassifier()
-    switch = ConvexitySwitch(detector="peak_ratio", cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
     recorder, logger = OptimizerRecorder(), MemoryLogger()
 
     trainer = fit(model, switch, max_epochs=5, callbacks=[recorder], logger=logger)
@@ -94,7 +94,7 @@ def test_swap_installs_cg_and_loss_falls():
 def test_cg_history_points_fall():
     # The CG-phase points of switch.history (one per CG step that moved) feed the norm-versus-loss figure.
     model = TinyClassifier()
-    switch = ConvexitySwitch(detector="peak_ratio", cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
 
     fit(model, switch, max_epochs=5)
 
@@ -112,7 +112,7 @@ def test_cg_history_points_fall():
 def test_loss_at_swap_above_end_loss():
     # The whole-set loss right after the swap decision is compared with the loss at the end.
     model = TinyClassifier()
-    switch = ConvexitySwitch(detector="peak_ratio", cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
     losses = FullLossRecorder()
 
     fit(model, switch, max_epochs=5, callbacks=[losses])
@@ -125,7 +125,7 @@ def test_loss_at_swap_above_end_loss():
 
 def test_dict_output_and_sample_count():
     model = TinyClassifier(dict_output=True)
-    switch = ConvexitySwitch(detector="peak_ratio", cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
 
     trainer = fit(model, switch, max_epochs=3)
 
@@ -133,18 +133,36 @@ def test_dict_output_and_sample_count():
     optimizer_evaluations = trainer.optimizers[0].state[next(model.parameters())]["func_evals"]
     assert switch.switched
     assert objective.evaluations > 0
-    # The first closure call of every CG step reuses a cached evaluation: the guard's starting
-    # evaluation at the swap for the first step, the previous step's end point for the others.
+    # The first closure call of every CG step after the first reuses the previous step's end point.
     cg_steps = trainer.global_step - switch.switch_step
-    assert objective.reused == cg_steps
-    # The guard's evaluation is the one the optimizer did not ask for.
-    assert objective.evaluations - 1 + objective.reused == optimizer_evaluations
+    assert objective.reused == cg_steps - 1
+    assert objective.evaluations + objective.reused == optimizer_evaluations
     # Every training batch counts its mini-batch; every evaluation counts the whole set.
     assert switch.sample_gradients == trainer.global_step * BATCH_SIZE + objective.evaluations * SAMPLES
 
 
+def test_guard_start_evaluation_is_reused():
+    # A margin of 1e-9 never loses a window, so the run stays in CG with the guard armed.
+    torch.manual_seed(0)
+    switch = ConvexitySwitch(
+        detector="peak_ratio", cg_micro_batch_size=WHOLE_SET_MICRO_BATCH, min_epochs=3, switch_back_margin=1e-9
+    )
+
+    trainer = fit(TinyClassifier(), switch, max_epochs=5)
+
+    objective = switch._objective
+    optimizer_evaluations = trainer.optimizers[0].state[next(trainer.lightning_module.parameters())]["func_evals"]
+    assert switch.switched and switch._guard is not None and switch._guard.armed
+    # The guard's starting evaluation at the swap serves the first CG step, so every step
+    # reuses one evaluation and the guard costs no extra pass over the CG batch.
+    cg_steps = trainer.global_step - switch.switch_step
+    assert objective.reused == cg_steps
+    assert objective.evaluations - 1 + objective.reused == optimizer_evaluations
+    assert switch.sample_gradients == trainer.global_step * BATCH_SIZE + objective.evaluations * SAMPLES
+
+
 def test_csv_logger_columns(tmp_path: Path):
-    switch = ConvexitySwitch(detector="peak_ratio", cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
     logger = CSVLogger(tmp_path, name="csv", version=0)
 
     fit(TinyClassifier(), switch, max_epochs=3, logger=logger)
@@ -162,7 +180,7 @@ def test_csv_logger_columns(tmp_path: Path):
 @pytest.mark.parametrize("interval", ["epoch", "step_interval"])
 def test_schedulers_dropped_lr_monitor_continues(interval: str):
     model = TinyClassifier(scheduler=interval)
-    switch = ConvexitySwitch(detector="peak_ratio", cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
     logger = MemoryLogger()
     monitor = LearningRateMonitor(logging_interval="step")
 
@@ -177,7 +195,7 @@ def test_schedulers_dropped_lr_monitor_continues(interval: str):
 
 
 def test_weight_decay_warning():
-    switch = ConvexitySwitch(detector="peak_ratio", cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
 
     with pytest.warns(UserWarning, match=r"without weight_decay=0\.001 \(parameter group 0\)"):
         fit(TinyClassifier(weight_decay=1e-3), switch, max_epochs=2)
@@ -186,7 +204,7 @@ def test_weight_decay_warning():
 
 
 def test_gradient_clipping_warning_cg_converges():
-    switch = ConvexitySwitch(detector="peak_ratio", cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
     logger = MemoryLogger()
 
     with pytest.warns(UserWarning, match=r"gradient_clip_val=0\.5 is not applied in the CG phase"):
@@ -201,7 +219,7 @@ def test_gradient_clipping_warning_cg_converges():
 
 def test_gradient_accumulation_warning_training_continues():
     model = TinyClassifier()
-    switch = ConvexitySwitch(detector="peak_ratio", cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
     logger = MemoryLogger()
 
     with pytest.warns(UserWarning, match=r"accumulate_grad_batches=2 is set to 1 for the CG phase"):
@@ -225,7 +243,7 @@ def test_accumulation_logs_unscaled_loss():
     model = TinyClassifier()
     logger = MemoryLogger()
 
-    fit(model, ConvexitySwitch(detector="peak_ratio", ratio=0.01), max_epochs=1, logger=logger, accumulate_grad_batches=2)
+    fit(model, ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, ratio=0.01), max_epochs=1, logger=logger, accumulate_grad_batches=2)
 
     logged = logger.values(TAG.LOSS)
     assert len(logged) == 1
@@ -234,7 +252,7 @@ def test_accumulation_logs_unscaled_loss():
 
 def test_non_finite_loss_skipped_with_warning():
     model = TinyClassifier(nan_epochs=[1])
-    switch = ConvexitySwitch(detector="peak_ratio", cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
 
     with pytest.warns(UserWarning, match=r"Skipped non-finite statistics at step 16\. The detector ignored this check"):
         fit(model, switch, max_epochs=5)
@@ -252,7 +270,7 @@ def test_monitor_uses_logged_metric():
     histories = []
     for monitor in (None, "train_loss"):
         torch.manual_seed(0)
-        switch = ConvexitySwitch(detector="peak_ratio", monitor=monitor, ratio=0.01)
+        switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, monitor=monitor, ratio=0.01)
         fit(TinyClassifier(logged_loss_scale=10.0), switch, max_epochs=2)
         histories.append(switch.history)
 
@@ -265,7 +283,7 @@ def test_monitor_uses_logged_metric():
 
 def test_lbfgs_factory_swaps_and_loss_falls():
     model = TinyClassifier()
-    switch = ConvexitySwitch(detector="peak_ratio",
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None,
         cg_micro_batch_size=WHOLE_SET_MICRO_BATCH,
         optimizer_factory=lambda groups: torch.optim.LBFGS(groups, line_search_fn="strong_wolfe", max_iter=5),
     )
@@ -285,7 +303,7 @@ def test_lbfgs_factory_swaps_and_loss_falls():
 def test_check_every_n_steps_swaps_on_multiple():
     n = 5
     model = TinyClassifier()
-    switch = ConvexitySwitch(detector="peak_ratio", check_every_n_steps=n, cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, check_every_n_steps=n, cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
 
     trainer = fit(model, switch, max_epochs=4)
 
@@ -299,7 +317,7 @@ def test_check_every_n_steps_swaps_on_multiple():
 def test_cg_subset_evaluates_exact_sample_count():
     subset = 200
     model = TinyClassifier()
-    switch = ConvexitySwitch(detector="peak_ratio", cg_batch_size=subset)
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, cg_batch_size=subset)
     logger = MemoryLogger()
 
     trainer = fit(model, switch, max_epochs=3, logger=logger)
@@ -318,7 +336,7 @@ def test_cg_subset_evaluates_exact_sample_count():
 
 def test_iterable_dataset_with_cg_batch_size():
     model = TinyClassifier(iterable=True)
-    switch = ConvexitySwitch(detector="peak_ratio", cg_batch_size=100)
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, cg_batch_size=100)
     logger = MemoryLogger()
 
     fit(model, switch, max_epochs=4, logger=logger)
@@ -334,7 +352,7 @@ def test_iterable_dataset_with_cg_batch_size():
 def test_dropout_warned_at_swap():
     model = TinyClassifier()
     model.hidden_layer = torch.nn.Sequential(model.hidden_layer, torch.nn.Dropout(0.2))
-    switch = ConvexitySwitch(detector="peak_ratio", cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
 
     with pytest.warns(UserWarning, match=r"dropout in hidden_layer\.1 makes every CG-batch evaluation random"):
         fit(model, switch, max_epochs=3)
@@ -343,7 +361,7 @@ def test_dropout_warned_at_swap():
 
 
 def test_second_fit_starts_fresh():
-    switch = ConvexitySwitch(detector="peak_ratio", cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
     fit(TinyClassifier(), switch, max_epochs=4)
     first_switch_epoch = switch.switch_epoch
 
@@ -358,6 +376,7 @@ def test_second_fit_starts_fresh():
 
 
 def test_cg_convergence_announced_once(caplog):
+    torch.manual_seed(0)
     switch = ConvexitySwitch(
         detector="peak_ratio",
         cg_micro_batch_size=WHOLE_SET_MICRO_BATCH,
@@ -366,7 +385,7 @@ def test_cg_convergence_announced_once(caplog):
     )
 
     with caplog.at_level("INFO"):
-        fit(TinyClassifier(), switch, max_epochs=5)
+        fit(TinyClassifier(), switch, max_epochs=8)
 
     messages = [r.getMessage() for r in caplog.records if "CG converged" in r.getMessage()]
     assert len(messages) == 1
@@ -374,7 +393,7 @@ def test_cg_convergence_announced_once(caplog):
 
 
 def test_scheduler_drop_warned():
-    switch = ConvexitySwitch(detector="peak_ratio", cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, cg_micro_batch_size=WHOLE_SET_MICRO_BATCH)
 
     with pytest.warns(UserWarning, match=r"learning-rate schedulers StepLR are dropped at the swap"):
         fit(TinyClassifier(scheduler="step"), switch, max_epochs=3)

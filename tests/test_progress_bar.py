@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(
     from lightning_twophase import ConvexitySwitch
 
     L.seed_everything(0, verbose=False)
-    switch = ConvexitySwitch(detector="peak_ratio", min_epochs=1, cg_kwargs={{"max_iter": 2}})
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, min_epochs=1, cg_kwargs={{"max_iter": 2}})
     trainer = make_trainer(max_epochs=3, callbacks=[switch], enable_progress_bar=True)
     trainer.fit(TinyClassifier())
     print("SWITCH_EPOCH", switch.switch_epoch)

@@ -57,7 +57,7 @@ class Run:
 
 
 def fit_and_load(root: Path, prefix: str = "") -> Run:
-    switch = ConvexitySwitch(detector="peak_ratio", cg_micro_batch_size=256, figure_every_n_checks=1)
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, cg_micro_batch_size=256, figure_every_n_checks=1)
     logger = TensorBoardLogger(root, name="tb", version=0, prefix=prefix)
     trainer = make_trainer(max_epochs=EPOCHS, callbacks=[switch], logger=logger)
     trainer.fit(TinyClassifier())
