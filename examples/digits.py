@@ -106,13 +106,16 @@ def main() -> None:
 
     final_loss = switch.history[-1].loss if switch.history else float("nan")
     print()
-    if switch.switch_epoch is not None:
-        print(
-            f"Swapped Adam for conjugate gradient after epoch {switch.switch_epoch} (counted from 0),"
-            f" step {switch.switch_step}."
-        )
-        for back in switch.switch_backs:
-            print(f"Swapped back to Adam at epoch {back['epoch']}, step {back['step']}: {back['reason']}")
+    if switch.swaps:
+        # Swaps and swaps back alternate: swap, back, retry, back, ...
+        for index, swap in enumerate(switch.swaps):
+            print(
+                f"Swapped Adam for conjugate gradient after epoch {swap['epoch']} (counted from 0),"
+                f" step {swap['step']}."
+            )
+            if index < len(switch.switch_backs):
+                back = switch.switch_backs[index]
+                print(f"Swapped back to Adam at epoch {back['epoch']}, step {back['step']}: {back['reason']}")
     else:
         print("No swap happened: the gradient norm never fell below the threshold. Try more epochs.")
     print(f"Final training loss on the CG batch: {final_loss:.3e}")

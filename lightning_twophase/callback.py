@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import enum
 from dataclasses import replace
 from collections.abc import Mapping
@@ -566,6 +567,13 @@ class ConvexitySwitch(Callback):
             # CG reached the tolerance the user set; its zero rate is not a reason to leave it.
             return
         verdict = self._guard.update(self._objective.last_loss, self.sample_gradients)
+        if not math.isnan(verdict.cg_rate):  # a window closed
+            self._log_metrics(trainer, {
+                TAG.GUARD_CG_RATE: verdict.cg_rate,
+                TAG.GUARD_ADAM_RATE: verdict.adam_rate,
+                TAG.GUARD_ADAM_LOSS: verdict.adam_loss,
+                TAG.GUARD_LOST_WINDOWS: float(verdict.lost_windows),
+            })
         if verdict.swap_back:
             self._swap_back(trainer, pl_module, verdict.message)
 

@@ -113,6 +113,8 @@ class SwapBackVerdict:
         swap_back: Whether to return to Adam now.
         cg_rate: CG's rate over the window just closed, or NaN when no window closed.
         adam_rate: Adam's trend rate at the window's loss level, or NaN when no window closed.
+        adam_loss: The loss of Adam's trend at the window's end, or NaN when no window closed.
+        lost_windows: Consecutive lost windows so far.
         message: One sentence for logs and the TensorBoard text entry.
     """
 
@@ -120,6 +122,8 @@ class SwapBackVerdict:
     cg_rate: float
     adam_rate: float
     message: str
+    adam_loss: float = math.nan
+    lost_windows: int = 0
 
 
 @dataclass
@@ -186,7 +190,7 @@ class SwapBackGuard:
         if not self.armed:
             return SwapBackVerdict(False, math.nan, math.nan, "Guard not armed: no falling Adam trend at the swap.")
         if samples - state.mark_samples < self.window_samples:
-            return SwapBackVerdict(False, math.nan, math.nan, "Window still open.")
+            return SwapBackVerdict(False, math.nan, math.nan, "Window still open.", lost_windows=state.failures)
 
         cg_rate = log_loss_rate(state.mark_loss, loss, samples - state.mark_samples)
         level = math.sqrt(state.mark_loss * loss) if loss > 0.0 and math.isfinite(loss) else state.mark_loss
@@ -202,7 +206,7 @@ class SwapBackGuard:
             f" (loss ~ S^-{state.exponent:.3g}) gives {adam_rate:.3g} at loss {level:.3g} and reaches"
             f" {adam_loss:.3g} with the same sample gradients; {state.failures} lost window(s) of {self.patience}."
         )
-        return SwapBackVerdict(state.failures >= self.patience, cg_rate, adam_rate, message)
+        return SwapBackVerdict(state.failures >= self.patience, cg_rate, adam_rate, message, adam_loss, state.failures)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self._state)

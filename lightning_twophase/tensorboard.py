@@ -49,6 +49,10 @@ class TAG:
     FIGURE = "twophase/grad_norm_vs_loss"
     SWITCH = "twophase/switch"
     SWITCH_BACK = "twophase/switch_back"
+    GUARD_CG_RATE = "twophase/guard/cg_rate"
+    GUARD_ADAM_RATE = "twophase/guard/adam_rate"
+    GUARD_ADAM_LOSS = "twophase/guard/adam_trend_loss"
+    GUARD_LOST_WINDOWS = "twophase/guard/lost_windows"
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,10 @@ def custom_scalars_layout() -> dict:
             ],
             "Phase (0 Adam, 1 CG)": ["Multiline", [pattern(TAG.PHASE)]],
             "CG step size and curvature": ["Multiline", [pattern(TAG.CG_STEP_SIZE), pattern(TAG.CG_CURVATURE)]],
+            "Swap-back guard: log-loss rate per sample gradient": [
+                "Multiline",
+                [pattern(TAG.GUARD_CG_RATE), pattern(TAG.GUARD_ADAM_RATE)],
+            ],
         }
     }
 

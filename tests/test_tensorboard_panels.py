@@ -57,7 +57,8 @@ class Run:
 
 
 def fit_and_load(root: Path, prefix: str = "") -> Run:
-    switch = ConvexitySwitch(detector="peak_ratio", switch_back_patience=None, cg_micro_batch_size=256, figure_every_n_checks=1)
+    # A margin of 1e-9 never loses a window: the guard logs its rates and the run stays in CG.
+    switch = ConvexitySwitch(detector="peak_ratio", switch_back_margin=1e-9, cg_micro_batch_size=256, figure_every_n_checks=1)
     logger = TensorBoardLogger(root, name="tb", version=0, prefix=prefix)
     trainer = make_trainer(max_epochs=EPOCHS, callbacks=[switch], logger=logger)
     trainer.fit(TinyClassifier())
@@ -128,6 +129,20 @@ def test_cg_scalars_only_after_swap(run: Run):
 
     assert min(steps) > run.switch.switch_step
     assert len(steps) == run.events.Scalars(TAG.PHASE)[-1].step - run.switch.switch_step
+
+
+def test_guard_scalars_after_swap(run: Run):
+    cg_rates = run.events.Scalars(TAG.GUARD_CG_RATE)
+    adam_rates = run.events.Scalars(TAG.GUARD_ADAM_RATE)
+    lost = run.events.Scalars(TAG.GUARD_LOST_WINDOWS)
+
+    assert cg_rates, "the guard logged no window"
+    assert [e.step for e in cg_rates] == [e.step for e in adam_rates] == [e.step for e in lost]
+    assert min(e.step for e in cg_rates) > run.switch.switch_step
+    # CG lowers the loss in every window, and Adam's trend rate is positive on this falling loss.
+    assert all(e.value > 0.0 for e in cg_rates)
+    assert all(e.value > 0.0 for e in adam_rates)
+    assert all(e.value == 0.0 for e in lost)
 
 
 def test_threshold_is_ratio_of_max(run: Run):
