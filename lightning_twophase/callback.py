@@ -32,7 +32,7 @@ from lightning_twophase.checks import (
 from lightning_twophase.detection import Decision, DecisionReason, IntervalStatistics, SwapDetector, make_detector
 from lightning_twophase.lightning_plumbing import build_objective, convert_model_dtype
 from lightning_twophase.run_log import PanelWriter, cg_step_metrics, check_metrics, log_metrics
-from lightning_twophase.safeguard import SwapBackGuard, fit_adam_trend
+from lightning_twophase.safeguard import AdamTrend, SwapBackGuard, fit_adam_trend
 from lightning_twophase.trial import run_cg_trial
 from lightning_twophase.statistics import IntervalAccumulator, total_grad_norm
 from lightning_twophase.swap import (
@@ -246,6 +246,7 @@ class ConvexitySwitch(Callback):
         self._first_phase: FirstPhase | None = None
         self._pending_first_optimizer_state: dict[str, Any] | None = None
         self._pending_guard_state: dict[str, Any] | None = None
+        self._pending_cache_current = False
         self._interval_start_samples = 0
         self._cg_steps = 0
 
@@ -298,6 +299,8 @@ class ConvexitySwitch(Callback):
         self._write_layout(trainer)
         if self.phase == Phase.CG and self._objective is None:
             self._build_objective(trainer)
+            self._objective.uncounted_evaluations = int(self._pending_cache_current)
+        self._pending_cache_current = False
         if self.phase == Phase.CG and self._pending_guard_state is not None and self.switch_back_patience is not None:
             self._arm_guard(trainer, evaluate=False)
             self._guard.load_state_dict(self._pending_guard_state)
@@ -369,6 +372,7 @@ class ConvexitySwitch(Callback):
             "cg_batch_size_used": self.cg_batch_size_used,
             "interval_start_samples": self._interval_start_samples,
             "cg_steps": self._cg_steps,
+            "objective_cache_current": self._objective is not None and self._objective.cache_is_current(),
         }
 
     def _first_optimizer_state(self) -> dict[str, Any] | None:
@@ -394,6 +398,7 @@ class ConvexitySwitch(Callback):
         self.cg_batch_size_used = state_dict.get("cg_batch_size_used")
         self._interval_start_samples = state_dict.get("interval_start_samples", 0)
         self._cg_steps = state_dict.get("cg_steps", 0)
+        self._pending_cache_current = bool(state_dict.get("objective_cache_current", False))
 
     @override
     def on_load_checkpoint(
@@ -548,16 +553,38 @@ class ConvexitySwitch(Callback):
         if not evaluate:
             return
 
-        adam_points = [(p.loss, p.samples) for p in self.history if p.phase == int(Phase.ADAM)]
         # CG's first step starts at this point, and the objective's cache hands it this very
         # evaluation, so reading the starting loss costs no extra sample gradients.
         loss = float(self._evaluate_objective())
-        self._guard.start(fit_adam_trend(adam_points), loss, self.sample_gradients)
+        trend = self._adam_trend(loss)
+        self.swaps[-1]["trend"] = None if trend is None else [trend.log_scale, trend.exponent]
+        self._guard.start(trend, loss, self.sample_gradients)
         if not self._guard.armed:
             rank_zero_warn(
                 "ConvexitySwitch: the swap-back guard is off for this swap, because the Adam phase had fewer than"
                 " two checks, or a loss that did not fall, to fit its trend. Raise min_epochs to keep it."
             )
+
+    def _adam_trend(self, loss: float) -> AdamTrend | None:
+        """Fit Adam's trend to the recent Adam checks; at a retry, fall back to an earlier exponent.
+
+        After a swap back, the fit sees only the Adam checks since then. When they do not give
+        a falling trend (too few, or too noisy), the exponent of an earlier swap's trend stands
+        in, anchored so that the trend passes through ``loss`` at the current sample count.
+        """
+        adam_points = [(p.loss, p.samples) for p in self.history if p.phase == int(Phase.ADAM)]
+        trend = fit_adam_trend(adam_points)
+        if trend is not None and trend.exponent > 0.0:
+            return trend
+
+        usable = loss > 0.0 and math.isfinite(loss) and self.sample_gradients > 0
+        for swap in reversed(self.swaps[:-1]):
+            earlier = swap.get("trend")
+            if usable and earlier is not None and earlier[1] > 0.0:
+                exponent = earlier[1]
+                log_scale = math.log(loss) + exponent * math.log(self.sample_gradients)
+                return AdamTrend(log_scale=log_scale, exponent=exponent, points=0)
+        return trend
 
     def _maybe_swap_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._guard is None or self._objective is None or self._objective.last_loss is None:

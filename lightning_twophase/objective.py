@@ -209,6 +209,8 @@ class FixedBatchObjective:
         self.params = params
         self.evaluations = 0
         self.reused = 0
+        #: Evaluations still to run without counting their samples; see :meth:`cache_is_current`.
+        self.uncounted_evaluations = 0
         self._cache_key: tuple | None = None
         self._cache: tuple[Tensor, list[Tensor | None]] | None = None
 
@@ -245,7 +247,9 @@ class FixedBatchObjective:
             samples += size
 
         self.evaluations += 1
-        if self.count_samples is not None:
+        if self.uncounted_evaluations > 0:
+            self.uncounted_evaluations -= 1
+        elif self.count_samples is not None:
             self.count_samples(samples)
         return self.reduce_mean(loss_sum)
 
@@ -278,6 +282,16 @@ class FixedBatchObjective:
         if self._cache is None:
             return None
         return float(self._cache[0])
+
+    def cache_is_current(self) -> bool:
+        """Whether a call now would reuse the cached evaluation instead of evaluating.
+
+        The cache is not checkpointed. When a checkpoint was written with a current cache, the
+        resumed run sets ``uncounted_evaluations`` to 1 and its repeat of that evaluation costs no
+        sample gradients. The sample count times the guard's windows and the retries, so it must
+        stay that of the uninterrupted run.
+        """
+        return self.params is not None and self._cache is not None and self._key(self.params()) == self._cache_key
 
     def _key(self, params: list[Tensor]) -> tuple:
         return tuple((p.data_ptr(), p._version) for p in params)

@@ -153,8 +153,10 @@ class SwapBackGuard:
             raise ValueError(f"Invalid window_samples: {window_samples}. Use a positive number of samples.")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"Invalid switch_back_patience: {patience!r}. Use an int >= 1, or None to disable.")
-        if not margin > 0.0 or not math.isfinite(margin):
-            raise ValueError(f"Invalid switch_back_margin: {margin}. Use a positive factor such as 1.0.")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 < margin < math.inf:
+            raise ValueError(
+                f"Invalid switch_back_margin: {margin!r}. Use a finite positive number such as 0.25 (the default)."
+            )
         self.window_samples = window_samples
         self.patience = patience
         self.margin = margin

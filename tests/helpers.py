@@ -374,7 +374,7 @@ def history_without_samples(switch: Any) -> list[dict[str, Any]]:
     """Return a ConvexitySwitch's check history as dicts without the ``samples`` counts.
 
     A run resumed in the CG phase evaluates the CG batch once more than the uninterrupted
-    run (the objective's cache of its last evaluation is not checkpointed), so only the
-    sample counts differ.
+    run (the objective's cache of its last evaluation is not checkpointed). That repeat is
+    not counted when the cache was current at the checkpoint; otherwise the sample counts differ.
     """
     return [{key: value for key, value in vars(point).items() if key != "samples"} for point in switch.history]
