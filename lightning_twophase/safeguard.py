@@ -78,7 +78,7 @@ class AdamTrend:
 def fit_adam_trend(points: list[tuple[float, int]], min_points: int = 2) -> AdamTrend | None:
     """Fit the power law to the (loss, samples) checks of the second half of the Adam phase.
 
-    When the second half holds fewer than ``min_points`` checks, the last ``min_points`` are
+    When the second half contains fewer than ``min_points`` checks, the last ``min_points`` are
     used, so a swap after the second check still gets a trend. Checks with a non-positive or
     non-finite loss, or no samples yet, are skipped. Returns ``None`` with fewer than
     ``min_points`` usable checks or no spread in the sample counts.
