@@ -75,3 +75,17 @@ def test_overhead_quick_prints_ratio():
     ratio = float(line.rsplit(":", 1)[1])
     # Only a sanity range: three short blocks on a shared CI machine are too noisy for the 1.02 target.
     assert 0.3 < ratio < 3.0
+
+
+@pytest.mark.slow
+def test_guard_windows_quick_prints_rates():
+    completed = _run("guard_windows.py", "--quick", timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+
+    lines = completed.stdout.splitlines()
+    rows = [line.split() for line in lines if line.strip()[:1].isdigit()]
+    assert rows, completed.stdout[-2000:]
+    # Columns: step, sample-epochs, CG loss, CG rate, Adam rate, Adam trend loss, lost windows.
+    assert all(float(row[4]) >= 0.0 for row in rows)
+    assert all(int(float(row[6])) >= 0 for row in rows)
+    assert any(line.startswith("swap at epoch") for line in lines)
