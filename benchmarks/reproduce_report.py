@@ -41,6 +41,7 @@ LABELS = {
     "adam_cg_cost_aware_sparse": "Adam+CG (cost-aware, sparse trials)",
     "adam_cg_guard": "Adam+CG (0.9 x peak, guard)",
     "adam_cg_log_slope_guard": "Adam+CG (log slope, guard)",
+    "adam_cg_log_slope_strict": "Adam+CG (log slope, guard, margin 1)",
     "adam_cg_cost_aware_guard": "Adam+CG (cost-aware, guard)",
     "adam_cg_dynamic": "Adam+CG (0.9 x peak, dynamic batch)",
 }
@@ -57,6 +58,7 @@ COLORS = {
     "adam_cg_cost_aware_sparse": "tab:olive",
     "adam_cg_guard": "tab:cyan",
     "adam_cg_log_slope_guard": "darkred",
+    "adam_cg_log_slope_strict": "mediumvioletred",
     "adam_cg_cost_aware_guard": "tab:gray",
     "adam_cg_dynamic": "gold",
 }
@@ -77,6 +79,7 @@ DETECTOR_METHODS = (
     "adam_cg_cost_aware_sparse",
     "adam_cg_guard",
     "adam_cg_log_slope_guard",
+    "adam_cg_log_slope_strict",
     "adam_cg_curvature_guard",
     "adam_cg_cost_aware_guard",
     "adam_cg_dynamic",
