@@ -590,8 +590,9 @@ class ConvexitySwitch(Callback):
         if self._guard is None or self._objective is None or self._objective.last_loss is None:
             return
         stats = getattr(trainer.optimizers[0], "last_stats", None)
-        if stats is not None and stats.reason.value in ("converged_grad", "converged_change"):
-            # CG reached the tolerance the user set; its zero rate is not a reason to leave it.
+        if stats is not None and stats.reason.value == "converged_grad":
+            # CG reached the gradient tolerance the user set; its zero rate is not a reason to
+            # leave it. A stop on tolerance_change is a stall, which the guard does judge.
             return
         verdict = self._guard.update(self._objective.last_loss, self.sample_gradients)
         if not math.isnan(verdict.cg_rate):  # a window closed
