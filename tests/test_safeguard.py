@@ -51,7 +51,7 @@ def test_trend_recovers_power_law():
 
 
 def test_trend_ignores_first_half():
-    # A flat start (loss 1) followed by a 1/S decay; the fit sees only the decay.
+    # A flat start (loss 1) followed by a 1/S decay: the fit uses only the decay.
     early = [(1.0, s) for s in (100, 200, 300)]
     late = power_law_points(1000.0, 1.0, [1000, 1200, 1500, 2000])
 
