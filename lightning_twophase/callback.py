@@ -131,7 +131,7 @@ class ConvexitySwitch(Callback):
             that trend (see :mod:`lightning_twophase.safeguard`); ``None`` disables the guard.
         switch_back_margin: CG loses a window when its rate is below this factor times Adam's.
             The default 0.25 tolerates part of CG's slow start: its first windows after a swap
-            ran 2 to 26 times below Adam's trend rate on the benchmark's MNIST-1D VGG.
+            ran 1.5 to 26 times below Adam's trend rate on the benchmark's MNIST-1D VGG.
         swap_retry_factor: After a swap back, the callback swaps to CG again, without asking
             the detector, at the first check where the sample gradients spent have reached
             this factor times those at the swap back. ``None`` keeps Adam for the rest of the run.
