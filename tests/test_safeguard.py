@@ -478,3 +478,34 @@ def test_no_retry_when_factor_is_none(swap_back_run):
 
     assert len(switch.swaps) == 1
     assert isinstance(swap_back_run["trainer"].optimizers[0], torch.optim.Adam)
+
+
+def test_retry_falls_back_to_earlier_exponent():
+    # A rising Adam loss after the swap back gives a flat fit; the earlier exponent stands in,
+    # anchored at the current loss and sample count.
+    from lightning_twophase.tensorboard import CheckPoint
+
+    switch = ConvexitySwitch()
+    switch.history = [CheckPoint(step=i, epoch=i, loss=0.5 + 0.01 * i, grad_norm=1.0, phase=0, samples=100 * (i + 1)) for i in range(6)]
+    switch.swaps = [{"trend": [1.0, 1.5]}, {"trend": None}]
+    switch.sample_gradients = 1000
+
+    trend = switch._adam_trend(0.25)
+
+    assert trend.exponent == 1.5
+    assert trend.loss_at(1000) == pytest.approx(0.25, rel=1e-12)
+
+
+def test_first_swap_keeps_flat_fit():
+    # Without an earlier swap there is nothing to fall back to: the flat fit leaves the guard off.
+    from lightning_twophase.tensorboard import CheckPoint
+
+    switch = ConvexitySwitch()
+    switch.history = [CheckPoint(step=i, epoch=i, loss=0.5 + 0.01 * i, grad_norm=1.0, phase=0, samples=100 * (i + 1)) for i in range(6)]
+    switch.swaps = [{"trend": None}]
+    switch.sample_gradients = 700
+
+    trend = switch._adam_trend(0.25)
+
+    assert trend is not None
+    assert trend.exponent == 0.0
