@@ -141,9 +141,9 @@ class ConvexitySwitch(Callback):
 
     Attributes:
         switched: Whether training is in the CG phase now.
-        switch_epoch: Epoch (counted from 0) at whose end the swap happened, or ``None``.
-        switch_step: Global step of the swap, or ``None``.
-        switch_reason: The detector's message at the swap.
+        switch_epoch: Epoch (counted from 0) at whose end the last swap to CG happened, or ``None``.
+        switch_step: Global step of the last swap, or ``None``.
+        switch_reason: The detector's message at the last swap, or the retry's reason.
         swaps: One dict per swap to CG (epoch, step, samples, reason); ``switch_epoch``,
             ``switch_step`` and ``switch_reason`` describe the last of them.
         switch_backs: One dict per swap back to Adam (epoch, step, samples, reason, loss, grad_norm).
