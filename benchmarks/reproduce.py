@@ -20,6 +20,8 @@ backward, line-search evaluations included), expressed in epochs of the training
   ``adam_cg_cost_aware_guard``: the 0.9-times-peak rule or one of the three detectors with the
   callback's default swap-back guard (``switch_back_patience=2``, ``switch_back_margin=1.0``,
   ``swap_retry_factor=2.0``); ``adam_cg_log_slope_guard`` is ``ConvexitySwitch()`` with its defaults;
+* ``adam_lbfgs_log_slope_guard``: the default detector and guard with ``torch.optim.LBFGS``
+  (strong Wolfe, ``--cg-max-iter`` iterations per step) as the second phase;
 * ``adam_cg_log_slope_strict``: as ``adam_cg_log_slope_guard`` with ``switch_back_margin=1.0``,
   so CG must keep Adam's trend rate;
 * ``adam_cg_dynamic``: the 0.9-times-peak rule, then CG on a batch that starts at
@@ -69,6 +71,7 @@ DETECTOR_METHODS = (
     "adam_cg_log_slope",
     "adam_cg_log_slope_guard",
     "adam_cg_log_slope_strict",
+    "adam_lbfgs_log_slope_guard",
     "adam_cg_curvature",
     "adam_cg_curvature_guard",
     "adam_cg_cost_aware",
@@ -190,6 +193,13 @@ def _detector_switch(spec: RunSpec, train_size: int) -> ConvexitySwitch:
         # The guarded variants use the callback's defaults: patience 2, margin 1, retry factor 2.
         guard = {} if spec.method.endswith("_guard") else {"switch_back_patience": None}
         return ConvexitySwitch(detector=detectors[spec.method](), cg_kwargs=cg_kwargs, **guard)
+    if spec.method == "adam_lbfgs_log_slope_guard":
+        max_iter = spec.cg_max_iter
+
+        def lbfgs(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+            return torch.optim.LBFGS(groups, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+        return ConvexitySwitch(detector=LogSlopeDetector(), optimizer_factory=lbfgs)
     if spec.method == "adam_cg_log_slope_strict":
         return ConvexitySwitch(detector=LogSlopeDetector(), cg_kwargs=cg_kwargs, switch_back_margin=1.0)
     if spec.method == "adam_cg_cost_aware_sparse":

@@ -42,6 +42,7 @@ LABELS = {
     "adam_cg_guard": "Adam+CG (0.9 x peak, guard)",
     "adam_cg_log_slope_guard": "Adam+CG (log slope, guard)",
     "adam_cg_log_slope_strict": "Adam+CG (log slope, guard, margin 1)",
+    "adam_lbfgs_log_slope_guard": "Adam+L-BFGS (log slope, guard)",
     "adam_cg_cost_aware_guard": "Adam+CG (cost-aware, guard)",
     "adam_cg_dynamic": "Adam+CG (0.9 x peak, dynamic batch)",
 }
@@ -59,6 +60,7 @@ COLORS = {
     "adam_cg_guard": "tab:cyan",
     "adam_cg_log_slope_guard": "darkred",
     "adam_cg_log_slope_strict": "mediumvioletred",
+    "adam_lbfgs_log_slope_guard": "darkgreen",
     "adam_cg_cost_aware_guard": "tab:gray",
     "adam_cg_dynamic": "gold",
 }
@@ -80,6 +82,7 @@ DETECTOR_METHODS = (
     "adam_cg_guard",
     "adam_cg_log_slope_guard",
     "adam_cg_log_slope_strict",
+    "adam_lbfgs_log_slope_guard",
     "adam_cg_curvature_guard",
     "adam_cg_cost_aware_guard",
     "adam_cg_dynamic",
