@@ -54,8 +54,8 @@ class GuardLog(Logger):
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        kept = {key: value for key, value in metrics.items() if key in (*GUARD_TAGS, TAG.SAMPLES, TAG.LOSS)}
-        self.rows[step or 0].update(kept)
+        guard_metrics = {key: value for key, value in metrics.items() if key in (*GUARD_TAGS, TAG.SAMPLES, TAG.LOSS)}
+        self.rows[step or 0].update(guard_metrics)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,7 +31,7 @@ from lightning_twophase.checks import (
 )
 from lightning_twophase.detection import Decision, DecisionReason, IntervalStatistics, SwapDetector, make_detector
 from lightning_twophase.lightning_plumbing import build_objective, convert_model_dtype
-from lightning_twophase.run_log import PanelWriter, cg_step_metrics, check_metrics, log_metrics
+from lightning_twophase.run_log import PanelWriter, cg_step_metrics, check_metrics, guard_window_metrics, log_metrics
 from lightning_twophase.safeguard import AdamTrend, SwapBackGuard, fit_adam_trend
 from lightning_twophase.trial import run_cg_trial
 from lightning_twophase.statistics import IntervalAccumulator, total_grad_norm
@@ -569,8 +569,8 @@ class ConvexitySwitch(Callback):
         """Fit Adam's trend to the recent Adam checks; at a retry, fall back to an earlier exponent.
 
         After a swap back, the fit uses only the Adam checks since then. When they do not give
-        a falling trend (too few, or too noisy), the exponent of an earlier swap's trend stands
-        in, anchored so that the trend passes through ``loss`` at the current sample count.
+        a falling trend (too few, or too noisy), the fit uses the exponent of an earlier swap's
+        trend instead, anchored so that the trend passes through ``loss`` at the current sample count.
         """
         adam_points = [(p.loss, p.samples) for p in self.history if p.phase == int(Phase.ADAM)]
         trend = fit_adam_trend(adam_points)
@@ -591,17 +591,14 @@ class ConvexitySwitch(Callback):
             return
         stats = getattr(trainer.optimizers[0], "last_stats", None)
         if stats is not None and stats.reason.value == "converged_grad":
-            # CG reached the gradient tolerance the user set; its zero rate is not a reason to
+            # CG reached the gradient tolerance the user set, so its zero rate is no reason to
             # leave it. A stop on tolerance_change is a stall, which the guard does judge.
             return
+
         verdict = self._guard.update(self._objective.last_loss, self.sample_gradients)
-        if not math.isnan(verdict.cg_rate):  # a window closed
-            self._log_metrics(trainer, {
-                TAG.GUARD_CG_RATE: verdict.cg_rate,
-                TAG.GUARD_ADAM_RATE: verdict.adam_rate,
-                TAG.GUARD_ADAM_LOSS: verdict.adam_loss,
-                TAG.GUARD_LOST_WINDOWS: float(verdict.lost_windows),
-            })
+        if not math.isnan(verdict.cg_rate):
+            # A NaN rate means the window is still open.
+            self._log_metrics(trainer, guard_window_metrics(verdict))
         if verdict.swap_back:
             self._swap_back(trainer, pl_module, verdict.message)
 

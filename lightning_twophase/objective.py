@@ -284,7 +284,7 @@ class FixedBatchObjective:
         return float(self._cache[0])
 
     def cache_is_current(self) -> bool:
-        """Whether a call now would reuse the cached evaluation instead of evaluating.
+        """Return whether a call now would reuse the cached evaluation instead of evaluating.
 
         The cache is not checkpointed. When a checkpoint was written with a current cache, the
         resumed run sets ``uncounted_evaluations`` to 1 and its repeat of that evaluation costs no

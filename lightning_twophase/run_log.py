@@ -15,9 +15,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_twophase import tensorboard as panels
 from lightning_twophase.detection import IntervalStatistics, SwapDetector
+from lightning_twophase.safeguard import SwapBackVerdict
 from lightning_twophase.tensorboard import TAG, CheckPoint
 
-__all__ = ["PanelWriter", "cg_step_metrics", "check_metrics", "log_metrics"]
+__all__ = ["PanelWriter", "cg_step_metrics", "check_metrics", "guard_window_metrics", "log_metrics"]
 
 
 def log_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
@@ -41,6 +42,16 @@ def check_metrics(stats: IntervalStatistics, detector: SwapDetector, samples: in
     if detector.threshold is not None:
         metrics[TAG.THRESHOLD] = detector.threshold
     return metrics
+
+
+def guard_window_metrics(verdict: SwapBackVerdict) -> dict[str, float]:
+    """Return the scalars of one closed swap-back guard window (rates per sample gradient)."""
+    return {
+        TAG.GUARD_CG_RATE: verdict.cg_rate,
+        TAG.GUARD_ADAM_RATE: verdict.adam_rate,
+        TAG.GUARD_ADAM_LOSS: verdict.adam_loss,
+        TAG.GUARD_LOST_WINDOWS: float(verdict.lost_windows),
+    }
 
 
 def cg_step_metrics(stats: Any, last_loss: float | None, samples: int) -> dict[str, float]:

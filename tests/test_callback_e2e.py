@@ -152,7 +152,9 @@ def test_guard_start_evaluation_is_reused():
 
     objective = switch._objective
     optimizer_evaluations = trainer.optimizers[0].state[next(trainer.lightning_module.parameters())]["func_evals"]
-    assert switch.switched and switch._guard is not None and switch._guard.armed
+    assert switch.switched
+    assert switch._guard is not None
+    assert switch._guard.armed
     # The guard's starting evaluation at the swap serves the first CG step, so every step
     # reuses one evaluation and the guard costs no extra pass over the CG batch.
     cg_steps = trainer.global_step - switch.switch_step

@@ -31,15 +31,6 @@ EPOCHS = 12
 GUARD_TAGS = (TAG.GUARD_CG_RATE, TAG.GUARD_ADAM_RATE, TAG.GUARD_ADAM_LOSS, TAG.GUARD_LOST_WINDOWS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    # Exact resume comparisons need the same summation order in every run.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ReshuffledClassifier(TinyClassifier):
     """:class:`TinyClassifier` whose shuffle order depends only on the epoch, so a resumed run draws the same batches."""
 

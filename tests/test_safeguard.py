@@ -481,7 +481,7 @@ def test_no_retry_when_factor_is_none(swap_back_run):
 
 
 def test_retry_falls_back_to_earlier_exponent():
-    # A rising Adam loss after the swap back gives a flat fit; the earlier exponent stands in,
+    # A rising Adam loss after the swap back gives a flat fit; the earlier exponent replaces it,
     # anchored at the current loss and sample count.
     from lightning_twophase.tensorboard import CheckPoint
 
