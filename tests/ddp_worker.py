@@ -93,6 +93,11 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / f"rank{trainer.global_rank}.json").write_text(json.dumps(record, indent=1))
 
+    # Without this, gloo's worker threads can outlive the interpreter and abort the process at
+    # exit ("terminate called without an active exception"), failing the run after its work.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
 
 if __name__ == "__main__":
     main()
