@@ -30,6 +30,9 @@ Objective = Callable[[torch.Tensor], torch.Tensor]
 
 # Final values that differ by more than this (relative to max(1, |f|)) are flagged as different minima.
 VALUE_AGREEMENT = 1e-6
+
+# Step pairs tried in the quasi-Newton variant table.
+HISTORY_SIZES = (5, 10, 20)
 MAX_ITERATIONS = 20_000
 
 
@@ -252,6 +255,25 @@ def print_variants(problems: list[Problem], gtol: float) -> None:
     print("(* = stopped above gtol; sw = strong Wolfe with c2=0.1, hz = Hager-Zhang approximate Wolfe with c2=0.9)")
 
 
+def print_history_variants(problems: list[Problem], gtol: float) -> None:
+    """Print evaluations of the quasi-Newton preconditioned CG for each history size and c2."""
+    variants = [(size, c2) for size in HISTORY_SIZES for c2 in (0.1, 0.9)]
+    names = [f"m{size}/c{c2:g}" for size, c2 in variants]
+    print(f"{'problem':<22} " + " ".join(f"{name:>8}" for name in names))
+
+    totals = [0] * len(variants)
+    for problem in problems:
+        counts = []
+        for index, (size, c2) in enumerate(variants):
+            outcome = run_ours(problem, gtol, history_size=size, c2=c2)
+            mark = "*" if outcome.max_grad > gtol else ""
+            counts.append(f"{outcome.evaluations}{mark}")
+            totals[index] += outcome.evaluations
+        print(f"{problem.name:<22} " + " ".join(f"{count:>8}" for count in counts))
+    print(f"{'total':<22} " + " ".join(f"{total:>8}" for total in totals))
+    print("(* = stopped above gtol; mM/cC = history_size M with strong Wolfe c2 = C, beta 'hs')")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="run four small problems only, without the variant table")
@@ -265,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         print("\nEvaluations per beta formula and line search (ours)\n")
         print_variants(problems, args.gtol)
+        print("\nEvaluations with the quasi-Newton preconditioner (history_size > 0)\n")
+        print_history_variants(problems, args.gtol)
     return 0
 
 

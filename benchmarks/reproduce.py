@@ -22,6 +22,9 @@ backward, line-search evaluations included), expressed in epochs of the training
   ``swap_retry_factor=2.0``); ``adam_cg_log_slope_guard`` is ``ConvexitySwitch()`` with its defaults;
 * ``adam_lbfgs_log_slope_guard``: the default detector and guard with ``torch.optim.LBFGS``
   (strong Wolfe, ``--cg-max-iter`` iterations per step) as the second phase;
+* ``adam_cg_history_guard``: the default detector and guard with CG preconditioned by its last
+  ``HISTORY_SIZE`` step pairs (``history_size=10``); ``adam_cg_history_c2_guard`` also sets the
+  curvature constant ``c2=0.9``;
 * ``adam_cg_log_slope_strict``: as ``adam_cg_log_slope_guard`` with ``switch_back_margin=1.0``,
   so CG must keep Adam's trend rate;
 * ``adam_cg_dynamic``: the 0.9-times-peak rule, then CG on a batch that starts at
@@ -72,6 +75,8 @@ DETECTOR_METHODS = (
     "adam_cg_log_slope_guard",
     "adam_cg_log_slope_strict",
     "adam_lbfgs_log_slope_guard",
+    "adam_cg_history_guard",
+    "adam_cg_history_c2_guard",
     "adam_cg_curvature",
     "adam_cg_curvature_guard",
     "adam_cg_cost_aware",
@@ -84,6 +89,9 @@ METHODS = ("adam", "adam_cg", "adam_lbfgs", "adam_cg_fixed", "adam_cg_iter1", *D
 DEFAULT_METHODS = ("adam", "adam_cg", "adam_lbfgs", "adam_cg_fixed")
 RESULTS = Path(__file__).parent / "results"
 DOCS_IMAGES = Path(__file__).parents[1] / "docs" / "img"
+
+#: Step pairs of the quasi-Newton preconditioner in the ``adam_cg_history*`` methods.
+HISTORY_SIZE = 10
 
 #: First CG batch of ``adam_cg_dynamic``: this many samples, at most a quarter of the training set.
 DYNAMIC_INITIAL_SIZE = 512
@@ -200,6 +208,11 @@ def _detector_switch(spec: RunSpec, train_size: int) -> ConvexitySwitch:
             return torch.optim.LBFGS(groups, max_iter=max_iter, line_search_fn="strong_wolfe")
 
         return ConvexitySwitch(detector=LogSlopeDetector(), optimizer_factory=lbfgs)
+    if spec.method in ("adam_cg_history_guard", "adam_cg_history_c2_guard"):
+        history = {"history_size": HISTORY_SIZE}
+        if spec.method == "adam_cg_history_c2_guard":
+            history["c2"] = 0.9
+        return ConvexitySwitch(detector=LogSlopeDetector(), cg_kwargs={**cg_kwargs, **history})
     if spec.method == "adam_cg_log_slope_strict":
         return ConvexitySwitch(detector=LogSlopeDetector(), cg_kwargs=cg_kwargs, switch_back_margin=1.0)
     if spec.method == "adam_cg_cost_aware_sparse":

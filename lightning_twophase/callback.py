@@ -57,7 +57,7 @@ class Phase(enum.IntEnum):
 
 
 #: Default keyword arguments of the CG optimizer built at the swap.
-DEFAULT_CG_KWARGS: dict[str, Any] = {"max_iter": 2}
+DEFAULT_CG_KWARGS: dict[str, Any] = {"max_iter": 2, "history_size": 10}
 
 #: The swap-back guard compares rates over windows of at least this many passes over the
 #: training set (or the CG batch), which averages out the step-to-step spread of CG's progress.

@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 
 from lightning_twophase.optim import line_search as searches
 from lightning_twophase.optim.beta import BETA_FORMULAS, DirectionProducts, compute_beta
+from lightning_twophase.optim.history import StepHistory
 
 __all__ = ["CGStepStats", "ConjugateGradient", "StopReason"]
 
@@ -18,6 +19,11 @@ LINE_SEARCHES = {"strong_wolfe": searches.strong_wolfe, "hager_zhang": searches.
 
 # Default curvature constant c2 per line search. See the class docstring for the measurements.
 DEFAULT_C2 = {"strong_wolfe": 0.1, "hager_zhang": 0.9}
+
+# Default c2 with the quasi-Newton preconditioner (history_size > 0), for either line search. A
+# quasi-Newton direction is scaled so that the unit step is usually acceptable, and a loose
+# curvature test lets it through; see the class docstring for the measurements.
+HISTORY_C2 = 0.9
 
 # Model evaluations one line search may use. The step's max_eval default leaves room for one search.
 MAX_LINE_SEARCH_EVALUATIONS = 20
@@ -42,6 +48,7 @@ _HYPERPARAMETERS = (
     "c1",
     "c2",
     "powell_threshold",
+    "history_size",
 )
 
 
@@ -118,12 +125,18 @@ class _Progress:
 
 @dataclass(frozen=True)
 class _Measurements:
-    """Host copies of the loss and of the inner products at the current point."""
+    """Host copies of the loss and of the inner products at the current point.
+
+    ``scaled_grads`` holds :math:`H g` when the step history preconditions the direction, and
+    ``euclidean_direction_sq`` is :math:`d^T d` for the reported curvature.
+    """
 
     loss: float
     max_grad: float
     max_direction: float
     products: DirectionProducts
+    euclidean_direction_sq: float
+    scaled_grads: list[Tensor] | None = None
 
     @property
     def finite(self) -> bool:
@@ -142,6 +155,7 @@ def _validate_arguments(
     c1: float,
     c2: float,
     powell_threshold: float | None,
+    history_size: int,
 ) -> None:
     """Raise ValueError for the first invalid constructor argument."""
     if not (isinstance(lr, (int, float)) and lr > 0.0 and math.isfinite(lr)):
@@ -169,6 +183,11 @@ def _validate_arguments(
         raise ValueError(f"Invalid c1, c2: {c1}, {c2}. Expected 0 < c1 < c2 < 1.")
     if powell_threshold is not None and not powell_threshold > 0.0:
         raise ValueError(f"Invalid powell_threshold: {powell_threshold}. Expected None (no Powell test) or a number > 0.")
+    if not (isinstance(history_size, int) and not isinstance(history_size, bool) and history_size >= 0):
+        raise ValueError(
+            f"Invalid history_size: {history_size!r}. Expected an integer >= 0 (0 turns the quasi-Newton "
+            "preconditioner off; 5 to 20 step pairs are typical)."
+        )
 
 
 def _gradients(params: list[Tensor]) -> list[Tensor]:
@@ -374,14 +393,18 @@ class ConjugateGradient(Optimizer):
         c1: float = 1e-4,
         c2: float | None = None,
         powell_threshold: float | None = 0.5,
+        history_size: int = 0,
         preconditioner: Sequence[Tensor] | None = None,
     ) -> None:
         if c2 is None:
             c2 = DEFAULT_C2.get(line_search, DEFAULT_C2["strong_wolfe"])
+            if history_size:
+                c2 = HISTORY_C2
         if max_eval is None and isinstance(max_iter, int):
             max_eval = max(max_iter * 5 // 4, 1 + MAX_LINE_SEARCH_EVALUATIONS)
         _validate_arguments(
-            lr, max_iter, max_eval, tolerance_grad, tolerance_change, beta, line_search, restart, c1, c2, powell_threshold
+            lr, max_iter, max_eval, tolerance_grad, tolerance_change, beta, line_search, restart, c1, c2,
+            powell_threshold, history_size,
         )
 
         defaults = dict(
@@ -396,6 +419,7 @@ class ConjugateGradient(Optimizer):
             c1=c1,
             c2=c2,
             powell_threshold=powell_threshold,
+            history_size=history_size,
         )
         super().__init__(params, defaults)
         self._check_param_groups()
@@ -420,6 +444,11 @@ class ConjugateGradient(Optimizer):
             self._run_state()["restart_pending"] = True
             return
 
+        if self.param_groups[0]["history_size"] > 0:
+            raise ValueError(
+                f"Invalid preconditioner with history_size={self.param_groups[0]['history_size']}: the step "
+                "history already preconditions the direction. Pass history_size=0 to use a diagonal preconditioner."
+            )
         scales = list(preconditioner)
         if len(scales) != len(params):
             raise ValueError(
@@ -475,7 +504,16 @@ class ConjugateGradient(Optimizer):
         state.setdefault("prev_loss", None)
         state.setdefault("prev_grad_sq", None)
         state.setdefault("restart_pending", True)
+        state.setdefault("pair_pending", False)
+        state.setdefault("current_pair_stored", False)
         return state
+
+    def _history(self, params: list[Tensor]) -> StepHistory | None:
+        """Return the step history of the quasi-Newton preconditioner, or None when it is off."""
+        size = self.param_groups[0]["history_size"]
+        if size == 0:
+            return None
+        return StepHistory(params, lambda param: self.state[param], self._run_state(), size)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
@@ -555,6 +593,10 @@ class ConjugateGradient(Optimizer):
         previous = [self.state[param]["previous_grad"] for param in params] if has_direction else grads
 
         diffs = torch._foreach_sub(grads, previous)
+        history = self._history(params)
+        if history is not None:
+            return self._measure_with_history(params, loss, grads, directions, diffs, history)
+
         scaled_grads = self._preconditioned(params, grads)
         scaled_diffs = self._preconditioned(params, diffs)
         # In the preconditioned metric, d^T D^-1 d; D^-1 d equals -g after a restart.
@@ -584,6 +626,57 @@ class ConjugateGradient(Optimizer):
                 grad_dot_direction=values[7],
                 direction_sq=values[8],
             ),
+            euclidean_direction_sq=values[8],
+        )
+
+    def _measure_with_history(
+        self,
+        params: list[Tensor],
+        loss: Tensor | float,
+        grads: list[Tensor],
+        directions: list[Tensor],
+        diffs: list[Tensor],
+        history: StepHistory,
+    ) -> _Measurements:
+        """Measure in the metric of the quasi-Newton matrix :math:`H`, first storing the newest step pair.
+
+        With the newest pair :math:`s = \alpha d` in the history, the secant equation
+        :math:`H y = s` gives :math:`y^T H y = s^T y` and :math:`d^T H^{-1} d = d^T y / \alpha`
+        without another pass over the parameters.
+        """
+        device = params[0].device
+        state = self._run_state()
+        plain = _dots([(directions, diffs), (diffs, diffs), (grads, directions), (directions, directions)], device)
+        extremes = torch.stack([_max_abs(grads, device), _max_abs(directions, device)])
+        values = torch.cat([_loss_scalar(loss, params[0]).reshape(1), extremes, plain]).tolist()
+        loss_value, max_grad, max_direction, d_dot_y, y_dot_y, g_dot_d, d_dot_d = values
+
+        step_size = state["step_size"]
+        if state["pair_pending"]:
+            state["pair_pending"] = False
+            state["current_pair_stored"] = history.push(directions, step_size, diffs, step_size * d_dot_y, y_dot_y)
+            state["restart_pending"] = state["restart_pending"] or not state["current_pair_stored"]
+
+        scaled_grads = history.apply(grads)
+        grad_sq, grad_dot_diff = _dots([(grads, scaled_grads), (scaled_grads, diffs)], device).tolist()
+        secant = state["current_pair_stored"]
+
+        prev_grad_sq = state["prev_grad_sq"]
+        return _Measurements(
+            loss=loss_value,
+            max_grad=max_grad,
+            max_direction=max_direction,
+            products=DirectionProducts(
+                grad_sq=grad_sq,
+                prev_grad_sq=grad_sq if prev_grad_sq is None else prev_grad_sq,
+                grad_dot_diff=grad_dot_diff,
+                direction_dot_diff=d_dot_y,
+                diff_sq=step_size * d_dot_y if secant else y_dot_y,
+                grad_dot_direction=g_dot_d,
+                direction_sq=d_dot_y / step_size if secant else d_dot_d,
+            ),
+            euclidean_direction_sq=d_dot_d,
+            scaled_grads=scaled_grads,
         )
 
     def _stop_reason(self, measured: _Measurements, state: dict, options: dict, progress: _Progress) -> StopReason | None:
@@ -595,9 +688,10 @@ class ConjugateGradient(Optimizer):
 
         # A zero gradient difference means no line search has moved since the previous gradient was saved.
         if state["step_size"] is not None and measured.products.diff_sq > 0.0:
-            progress.curvature = measured.products.direction_dot_diff / (
-                state["step_size"] * measured.products.direction_sq
-            )
+            direction_sq = measured.products.direction_sq
+            if measured.scaled_grads is not None:
+                direction_sq = measured.euclidean_direction_sq
+            progress.curvature = measured.products.direction_dot_diff / (state["step_size"] * direction_sq)
 
         if measured.max_grad <= options["tolerance_grad"]:
             return StopReason.CONVERGED_GRAD
@@ -637,7 +731,9 @@ class ConjugateGradient(Optimizer):
         if not restart and not slope <= -SUFFICIENT_DESCENT * products.grad_sq:
             restart, beta, slope = True, 0.0, -products.grad_sq
 
-        grads = self._preconditioned(params, _gradients(params))
+        grads = measured.scaled_grads
+        if grads is None:
+            grads = self._preconditioned(params, _gradients(params))
         directions = self._buffers(params, "direction")
         if restart:
             torch._foreach_copy_(directions, grads)
@@ -664,6 +760,9 @@ class ConjugateGradient(Optimizer):
     def _initial_step(self, measured: _Measurements, state: dict, options: dict, slope: float) -> float:
         """Choose the first trial step of the line search."""
         previous_step = state["step_size"]
+        if state.get("history_order"):
+            # -H g is scaled like a Newton step, so the unit step is the natural first trial.
+            return 1.0
         if previous_step is None:
             return options["lr"] / math.sqrt(measured.products.grad_sq)
 
@@ -721,6 +820,8 @@ class ConjugateGradient(Optimizer):
         state["directional_derivative"] = slope
         state["prev_loss"] = measured.loss
         state["prev_grad_sq"] = measured.products.grad_sq
+        state["pair_pending"] = True
+        state["current_pair_stored"] = False
         state["n_iter"] += 1
         progress.iterations += 1
 
