@@ -92,7 +92,7 @@ def test_fit_from_config_swaps(tmp_path: Path) -> None:
     assert trainer.state.finished
     assert trainer.current_epoch == 3
     assert switch.cg_batch_size == 128
-    assert switch.cg_kwargs == {"max_iter": 2, "beta": "pr+"}
+    assert switch.cg_kwargs == {"max_iter": 2, "beta": "pr+", "history_size": 10}
     assert switch.switched, f"no swap in 3 epochs; history: {switch.history}"
     assert isinstance(trainer.optimizers[0], ConjugateGradient)
     assert (Path(trainer.log_dir) / "config.yaml").is_file()

@@ -316,6 +316,20 @@ class ConjugateGradient(Optimizer):
     such a :math:`D = 1 / (\sqrt{\hat v} + \epsilon)`; the reported ``curvature`` is then measured
     in the :math:`D^{-1}` norm of :math:`d`.
 
+    With ``history_size = m > 0``, :math:`D` is replaced by the limited-memory BFGS approximation
+    :math:`H_k` of the inverse Hessian built from the last :math:`m` accepted steps
+    :math:`s_i = \alpha_i d_i` and gradient changes :math:`y_i` (Nocedal and Wright, algorithm 7.4;
+    :class:`~lightning_twophase.optim.history.StepHistory`), so
+    :math:`d_{k+1} = -H_{k+1} g_{k+1} + \beta_k d_k` with the inner products in the :math:`H_{k+1}`
+    metric. This is the variable-storage conjugate gradient of Buckley and LeNir (Math.
+    Programming 27, 1983): the secant equation :math:`H_{k+1} y_k = s_k` turns the Hestenes-Stiefel
+    coefficient into :math:`\beta_k = g_{k+1}^T d_k / d_k^T y_k`, which vanishes under an exact line
+    search, so the direction is the quasi-Newton one plus a conjugacy correction for the inexact
+    search. A pair with :math:`s^T y \le 0` is skipped and the direction restarts with
+    :math:`-H g`. Once pairs are stored, every line search first tries the unit step, and ``c2``
+    defaults to 0.9 (``HISTORY_C2``). On the 13 problems below, ``history_size=10`` with
+    ``c2=0.9`` used 1293 evaluations, 0.53 times the plain default and 0.40 times SciPy's CG.
+
     The direction, the previous gradient and the scalar run state (iteration count, previous step,
     previous :math:`g^T d`, evaluation count) live in the optimizer state, so repeated ``step``
     calls continue one conjugate-gradient run and ``state_dict`` carries it. Each ``step`` first
@@ -324,7 +338,8 @@ class ConjugateGradient(Optimizer):
     Memory: for :math:`n` parameter elements, the state stores :math:`2n` elements (direction and
     previous gradient), and each ``step`` call allocates :math:`n` more for the start point of the
     line search, which restores the last accepted point exactly. Total: :math:`3n` besides the
-    gradients. No flattened copy of the parameters is made.
+    gradients, plus :math:`2mn` for the step history and :math:`n` for :math:`H g` with
+    ``history_size = m``. No flattened copy of the parameters is made.
 
     When it helps: close to a minimum, where the loss is nearly convex, on a deterministic objective
     (full batch, or one fixed large batch). A line search on a different mini-batch per evaluation
@@ -355,8 +370,10 @@ class ConjugateGradient(Optimizer):
         restart: restart with steepest descent every this many iterations; None never restarts by count.
         c1: sufficient-decrease constant (``delta`` of Hager and Zhang).
         c2: curvature constant, ``c1 < c2 < 1``. None selects 0.1 for 'strong_wolfe' and 0.9 for
-            'hager_zhang'.
+            'hager_zhang', and 0.9 for both when ``history_size > 0``.
         powell_threshold: Powell's restart threshold; None disables the test.
+        history_size: step pairs of the quasi-Newton preconditioner; 0 (the default) turns it off.
+            Cannot be combined with ``preconditioner``.
         preconditioner: optional diagonal preconditioner :math:`D`, one positive tensor per
             parameter (see :meth:`set_preconditioner`).
 
