@@ -46,7 +46,7 @@ def test_config_values_reach_callback(tmp_path: Path) -> None:
     assert switch.detector.ratio == 0.9
     assert switch.min_epochs == 3
     assert switch.cg_batch_size == 1024
-    assert switch.cg_kwargs == {"max_iter": 5, "beta": "pr+"}
+    assert switch.cg_kwargs == {"max_iter": 5, "beta": "pr+", "history_size": 10}
     assert switch.cg_dtype is None
 
     optimizer = cli.model.configure_optimizers()

@@ -313,10 +313,11 @@ SWAP_EPOCH = 2
 
 
 def losing_switch(patience: int = 1, retry_factor: float | None = None) -> ConvexitySwitch:
-    # A margin of 1e6 makes every CG window a losing one.
+    # A margin of 1e6 makes every CG window a losing one. Plain CG (history_size=0) spends at
+    # least two evaluations per step, so every step after the first fills a window.
     return ConvexitySwitch(
         detector=FixedEpochDetector(epoch=SWAP_EPOCH),
-        cg_kwargs={"max_iter": 1},
+        cg_kwargs={"max_iter": 1, "history_size": 0},
         switch_back_patience=patience,
         switch_back_margin=1e6,
         swap_retry_factor=retry_factor,
