@@ -20,9 +20,9 @@ LINE_SEARCHES = {"strong_wolfe": searches.strong_wolfe, "hager_zhang": searches.
 # Default curvature constant c2 per line search. See the class docstring for the measurements.
 DEFAULT_C2 = {"strong_wolfe": 0.1, "hager_zhang": 0.9}
 
-# Default c2 with the quasi-Newton preconditioner (history_size > 0), for either line search. A
-# quasi-Newton direction is scaled so that the unit step is usually acceptable, and a loose
-# curvature test lets it through; see the class docstring for the measurements.
+# Default c2 with the quasi-Newton preconditioner (history_size > 0), for either line search.
+# A quasi-Newton direction is scaled so that the unit step is usually acceptable. A loose
+# curvature test accepts it, which the class docstring's measurements favour.
 HISTORY_C2 = 0.9
 
 # Model evaluations one line search may use. The step's max_eval default leaves room for one search.
@@ -127,7 +127,7 @@ class _Progress:
 class _Measurements:
     """Host copies of the loss and of the inner products at the current point.
 
-    ``scaled_grads`` holds :math:`H g` when the step history preconditions the direction, and
+    ``scaled_grads`` is :math:`H g` when the step history preconditions the direction, and
     ``euclidean_direction_sq`` is :math:`d^T d` for the reported curvature.
     """
 

@@ -39,7 +39,7 @@ class StepHistory:
     Args:
         params: the parameters, in the optimizer's order.
         param_state: returns the state dict of a parameter (``optimizer.state[param]``).
-        run_state: the optimizer's scalar run state; holds ``history_order`` (slot indices, oldest
+        run_state: the optimizer's scalar run state, with ``history_order`` (slot indices, oldest
             first), ``history_rho`` (:math:`\\rho` per slot) and ``history_gamma``.
         size: the number of pairs kept, :math:`m \\ge 1`.
     """
@@ -66,11 +66,11 @@ class StepHistory:
             buffers.append(state[key])
         return buffers
 
-    def push(self, steps: list[Tensor], step_size: float, gradient_changes: list[Tensor], s_dot_y: float, y_dot_y: float) -> bool:
+    def push(self, directions: list[Tensor], step_size: float, gradient_changes: list[Tensor], s_dot_y: float, y_dot_y: float) -> bool:
         """Store the pair :math:`s = \\alpha d`, :math:`y`, replacing the oldest one when full.
 
         Args:
-            steps: the direction :math:`d` of the accepted line search.
+            directions: the direction :math:`d` of the accepted line search.
             step_size: its accepted step :math:`\\alpha`, so that :math:`s = \\alpha d`.
             gradient_changes: :math:`y = g_{k+1} - g_k`.
             s_dot_y: :math:`s^T y`, already computed by the caller.
@@ -85,7 +85,7 @@ class StepHistory:
 
         order = self.run_state["history_order"]
         slot = order.pop(0) if len(order) == self.size else len(order)
-        for buffer, direction in zip(self._slots("history_s"), steps):
+        for buffer, direction in zip(self._slots("history_s"), directions):
             torch.mul(direction, step_size, out=buffer[slot])
         for buffer, change in zip(self._slots("history_y"), gradient_changes):
             buffer[slot].copy_(change)
@@ -118,7 +118,3 @@ class StepHistory:
             correction = coefficients[slot] - _total_dot(y, result) * rho[slot]
             torch._foreach_add_(result, torch._foreach_mul([buffer[slot] for buffer in s_buffers], correction))
         return result
-
-    def clear(self) -> None:
-        """Forget all pairs; the buffers stay allocated."""
-        self.run_state["history_order"] = []
