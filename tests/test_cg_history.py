@@ -165,3 +165,30 @@ def test_diagonal_preconditioner_with_history_rejected():
     x = torch.zeros(3, requires_grad=True)
     with pytest.raises(ValueError, match=r"Invalid preconditioner with history_size=4.*history_size=0"):
         ConjugateGradient([x], history_size=4, preconditioner=[torch.ones(3)])
+
+
+def test_failed_search_forgets_pairs():
+    """A search that finds no decrease restores the start point and drops the pairs."""
+    torch.manual_seed(3)
+    target = torch.randn(8, dtype=torch.float64)
+    weights = torch.logspace(0, 2, 8, dtype=torch.float64)
+
+    def quadratic(v):
+        return (weights * (v - target) ** 2).sum()
+
+    x, optimizer = minimize(quadratic, torch.zeros(8, dtype=torch.float64), steps=2, max_iter=1, history_size=5)
+    assert len(optimizer.state[x]["history_order"]) == 2
+    anchor = x.detach().clone()
+
+    def kinked():
+        # ||x - anchor|| grows at rate 1e3 in every direction, faster than the quadratic falls,
+        # but autograd reports a zero subgradient at the anchor, so the slope looks negative.
+        optimizer.zero_grad()
+        loss = quadratic(x) + 1e3 * torch.linalg.vector_norm(x - anchor)
+        loss.backward()
+        return loss
+
+    optimizer.step(kinked)
+    assert optimizer.last_stats.reason.value == "line_search_failed"
+    assert torch.equal(x.detach(), anchor)
+    assert optimizer.state[x]["history_order"] == []

@@ -130,7 +130,9 @@ def run_one_iteration_per_step(objective: Any, start: torch.Tensor, steps: int, 
         counts["repeated"] += repeated
         non_finite = sum(not math.isfinite(loss) for _, loss in trials)
         counts["non_finite"] += non_finite
-        if optimizer.state[x]["history_order"] == order_before:
+        order_after = optimizer.state[x]["history_order"]
+        # An emptied order is a failed search that dropped the pairs, not a stored pair.
+        if order_after == order_before or not order_after:
             continue
 
         counts["stored"] += 1

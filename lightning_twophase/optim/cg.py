@@ -873,10 +873,25 @@ class ConjugateGradient(Optimizer):
         self._restore(model.params, start)
         progress.detail = result.reason
         if model.non_finite_trials > 0 and result.step == 0.0:
+            self._forget_history()
             return StopReason.NON_FINITE, measured.loss
         if budget < MAX_LINE_SEARCH_EVALUATIONS and result.reason == "evaluation budget exhausted":
             return StopReason.MAX_EVAL, measured.loss
+
+        self._forget_history()
         return StopReason.LINE_SEARCH_FAILED, measured.loss
+
+    def _forget_history(self) -> None:
+        """Drop the step pairs of the quasi-Newton preconditioner after a failed search.
+
+        Otherwise the next step would repeat the same search from the same point. Without the
+        pairs it searches along :math:`-g` with another first trial step, as L-BFGS-B does
+        after a failed line search. The buffers stay allocated.
+        """
+        state = self._run_state()
+        if state.get("history_order"):
+            state["history_order"] = []
+            state["current_pair_stored"] = False
 
     def _restore(self, params: list[Tensor], start: list[Tensor]) -> None:
         """Return to the start point, with its gradient (saved as the previous gradient) in ``.grad``."""
