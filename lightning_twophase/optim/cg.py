@@ -323,13 +323,14 @@ class ConjugateGradient(Optimizer):
     :math:`d_{k+1} = -H_{k+1} g_{k+1} + \beta_k d_k` with the inner products in the :math:`H_{k+1}`
     metric. This is the variable-storage conjugate gradient of Buckley and LeNir (Math.
     Programming 27, 1983): the secant equation :math:`H_{k+1} y_k = s_k` turns the Hestenes-Stiefel
-    coefficient into :math:`\beta_k = g_{k+1}^T d_k / d_k^T y_k`, which vanishes under an exact line
+    coefficient into :math:`\beta_k = \alpha_k g_{k+1}^T d_k / d_k^T y_k`, which vanishes under an exact line
     search, so the direction is the quasi-Newton one plus a conjugacy correction for the inexact
     search. Powell's test in the :math:`H` metric compares :math:`(H g_{k+1})^T g_k =
     g_{k+1}^T H g_{k+1} - \alpha_k g_{k+1}^T d_k` with :math:`g_{k+1}^T H g_{k+1}`, so at the
     default threshold it restarts on most iterations and the method runs mostly as L-BFGS with
     a strong Wolfe search. A pair with :math:`s^T y \le 0` is skipped and the direction restarts with
-    :math:`-H g`. Once pairs are stored, every line search first tries the unit step, and ``c2``
+    :math:`-H g`. A failed line search that restores the start point drops all pairs. Once pairs
+    are stored, every line search first tries the unit step, and ``c2``
     defaults to 0.9 (``HISTORY_C2``). On the 13 problems below, ``history_size=10`` with
     ``c2=0.9`` used 1293 evaluations, 0.53 times the plain default and 0.40 times SciPy's CG.
 
