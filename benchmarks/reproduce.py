@@ -109,6 +109,14 @@ class RunSpec:
     points: int
     cg_max_iter: int
     fixed_epoch: int
+    cg_history_size: int | None = None
+
+    def cg_kwargs(self, max_iter: int | None = None) -> dict[str, Any]:
+        """Return the ``cg_kwargs`` of this run; ``history_size`` only when the command line set it."""
+        kwargs: dict[str, Any] = {"max_iter": self.cg_max_iter if max_iter is None else max_iter}
+        if self.cg_history_size is not None:
+            kwargs["history_size"] = self.cg_history_size
+        return kwargs
 
 
 @dataclass
@@ -188,7 +196,7 @@ class BudgetMonitor(Callback):
 
 
 def _detector_switch(spec: RunSpec, train_size: int) -> ConvexitySwitch:
-    cg_kwargs = {"max_iter": spec.cg_max_iter}
+    cg_kwargs = spec.cg_kwargs()
     detectors = {
         "adam_cg_log_slope": LogSlopeDetector,
         "adam_cg_log_slope_guard": LogSlopeDetector,
@@ -234,12 +242,12 @@ def _second_phase(spec: RunSpec, train_size: int) -> ConvexitySwitch | None:
     if spec.method in DETECTOR_METHODS:
         return _detector_switch(spec, train_size)
     if spec.method == "adam_cg":
-        return ConvexitySwitch(detector="peak_ratio", cg_kwargs={"max_iter": spec.cg_max_iter}, switch_back_patience=None)
+        return ConvexitySwitch(detector="peak_ratio", cg_kwargs=spec.cg_kwargs(), switch_back_patience=None)
     if spec.method == "adam_cg_iter1":
-        return ConvexitySwitch(detector="peak_ratio", cg_kwargs={"max_iter": 1}, switch_back_patience=None)
+        return ConvexitySwitch(detector="peak_ratio", cg_kwargs=spec.cg_kwargs(max_iter=1), switch_back_patience=None)
     if spec.method == "adam_cg_fixed":
         fixed = FixedEpochDetector(epoch=spec.fixed_epoch)
-        return ConvexitySwitch(detector=fixed, cg_kwargs={"max_iter": spec.cg_max_iter}, switch_back_patience=None)
+        return ConvexitySwitch(detector=fixed, cg_kwargs=spec.cg_kwargs(), switch_back_patience=None)
     if spec.method == "adam_lbfgs":
         max_iter = spec.cg_max_iter
 
@@ -332,7 +340,12 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
             fixed_epoch = max(1, int(round(args.fixed_fraction * budget)))
             for model in args.models:
                 for method in args.methods:
-                    specs.append(RunSpec(dataset, model, method, seed, budget, args.points, args.cg_max_iter, fixed_epoch))
+                    specs.append(
+                        RunSpec(
+                            dataset, model, method, seed, budget, args.points, args.cg_max_iter, fixed_epoch,
+                            args.cg_history_size,
+                        )
+                    )
     return specs
 
 
@@ -365,6 +378,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-prefix", default="reproduce", help="file-name prefix of the plots (default reproduce)")
     parser.add_argument("--points", type=int, default=25, help="recorded loss points per run (default 25)")
     parser.add_argument("--cg-max-iter", type=int, default=2, help="CG (and L-BFGS) iterations per step (default 2)")
+    parser.add_argument(
+        "--cg-history-size",
+        type=int,
+        help="history_size of ConjugateGradient (default: the callback's, 10); 0 gives the plain CG of older sections",
+    )
     parser.add_argument("--fixed-fraction", type=float, default=0.3, help="fixed swap epoch as a budget fraction")
 
     args = parser.parse_args(argv)
