@@ -107,6 +107,12 @@ def validate_second_phase(cg_kwargs: dict[str, Any], optimizer_factory: Any, mon
     """
     from lightning_twophase.optim.cg import ConjugateGradient
 
+    if "preconditioner" in cg_kwargs:
+        raise ValueError(
+            "Invalid cg_kwargs key 'preconditioner': the callback builds ConjugateGradient at the swap from the "
+            "model's parameter groups, so a per-parameter preconditioner cannot be given in advance. Remove it, or "
+            "pass optimizer_factory=lambda groups: ConjugateGradient(groups, history_size=0, preconditioner=...)."
+        )
     try:
         ConjugateGradient([torch.zeros(1, requires_grad=True)], **cg_kwargs)
     except (TypeError, ValueError) as error:

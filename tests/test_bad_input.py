@@ -229,6 +229,8 @@ def test_epoch_only_monitor_rejected():
         ({"cg_kwargs": {"beta": "xx"}}, r"Invalid cg_kwargs: .*'beta': 'xx'.*Invalid beta"),
         ({"cg_kwargs": {"max_iter": 0}}, r"Invalid cg_kwargs: .*max_iter"),
         ({"cg_kwargs": {"nonsense": 1}}, r"Invalid cg_kwargs: .*nonsense"),
+        ({"cg_kwargs": {"history_size": -1}}, r"Invalid cg_kwargs: .*Invalid history_size: -1"),
+        ({"cg_kwargs": {"preconditioner": [torch.ones(1)]}}, r"Invalid cg_kwargs key 'preconditioner'.*optimizer_factory"),
         ({"monitor": 3}, r"Invalid monitor: 3"),
     ],
 )

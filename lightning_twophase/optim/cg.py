@@ -329,7 +329,8 @@ class ConjugateGradient(Optimizer):
     g_{k+1}^T H g_{k+1} - \alpha_k g_{k+1}^T d_k` with :math:`g_{k+1}^T H g_{k+1}`, so at the
     default threshold it restarts on most iterations and the method runs mostly as L-BFGS with
     a strong Wolfe search. A pair with :math:`s^T y \le 0` is skipped and the direction restarts with
-    :math:`-H g`. A failed line search that restores the start point drops all pairs. Once pairs
+    :math:`-H g`. A failed line search that restores the start point drops all pairs (one cut short by
+    ``max_eval`` keeps them). Once pairs
     are stored, every line search first tries the unit step, and ``c2``
     defaults to 0.9 (``HISTORY_C2``). On the 13 problems below, ``history_size=10`` with
     ``c2=0.9`` used 1293 evaluations, 0.53 times the plain default and 0.40 times SciPy's CG.
