@@ -236,42 +236,41 @@ def print_comparison(problems: list[Problem], gtol: float) -> None:
     print(f"Total ratio L-BFGS/SciPy: {totals['lbfgs'] / totals['scipy']:.3f}")
 
 
-def print_variants(problems: list[Problem], gtol: float) -> None:
-    """Print evaluations of every beta formula with both line searches."""
-    variants = [(beta, search) for search in ("strong_wolfe", "hager_zhang") for beta in BETA_FORMULAS]
-    names = [f"{beta}/{'sw' if search == 'strong_wolfe' else 'hz'}" for beta, search in variants]
-    print(f"{'problem':<22} " + " ".join(f"{name:>7}" for name in names))
+def _print_variant_table(problems: list[Problem], gtol: float, variants: dict[str, dict], width: int, legend: str) -> None:
+    """Print the evaluations of ``run_ours`` per problem for each named set of options, then the totals."""
+    print(f"{'problem':<22} " + " ".join(f"{name:>{width}}" for name in variants))
 
     totals = [0] * len(variants)
     for problem in problems:
         counts = []
-        for index, (beta, search) in enumerate(variants):
-            outcome = run_ours(problem, gtol, beta=beta, line_search=search)
+        for index, options in enumerate(variants.values()):
+            outcome = run_ours(problem, gtol, **options)
             mark = "*" if outcome.max_grad > gtol else ""
             counts.append(f"{outcome.evaluations}{mark}")
             totals[index] += outcome.evaluations
-        print(f"{problem.name:<22} " + " ".join(f"{count:>7}" for count in counts))
-    print(f"{'total':<22} " + " ".join(f"{total:>7}" for total in totals))
-    print("(* = stopped above gtol; sw = strong Wolfe with c2=0.1, hz = Hager-Zhang approximate Wolfe with c2=0.9)")
+        print(f"{problem.name:<22} " + " ".join(f"{count:>{width}}" for count in counts))
+    print(f"{'total':<22} " + " ".join(f"{total:>{width}}" for total in totals))
+    print(legend)
+
+
+def print_variants(problems: list[Problem], gtol: float) -> None:
+    """Print evaluations of every beta formula with both line searches."""
+    variants = {
+        f"{beta}/{'sw' if search == 'strong_wolfe' else 'hz'}": {"beta": beta, "line_search": search}
+        for search in ("strong_wolfe", "hager_zhang")
+        for beta in BETA_FORMULAS
+    }
+    legend = "(* = stopped above gtol; sw = strong Wolfe with c2=0.1, hz = Hager-Zhang approximate Wolfe with c2=0.9)"
+    _print_variant_table(problems, gtol, variants, width=7, legend=legend)
 
 
 def print_history_variants(problems: list[Problem], gtol: float) -> None:
     """Print evaluations of the quasi-Newton preconditioned CG for each history size and c2."""
-    variants = [(size, c2) for size in HISTORY_SIZES for c2 in (0.1, 0.9)]
-    names = [f"m{size}/c{c2:g}" for size, c2 in variants]
-    print(f"{'problem':<22} " + " ".join(f"{name:>8}" for name in names))
-
-    totals = [0] * len(variants)
-    for problem in problems:
-        counts = []
-        for index, (size, c2) in enumerate(variants):
-            outcome = run_ours(problem, gtol, history_size=size, c2=c2)
-            mark = "*" if outcome.max_grad > gtol else ""
-            counts.append(f"{outcome.evaluations}{mark}")
-            totals[index] += outcome.evaluations
-        print(f"{problem.name:<22} " + " ".join(f"{count:>8}" for count in counts))
-    print(f"{'total':<22} " + " ".join(f"{total:>8}" for total in totals))
-    print("(* = stopped above gtol; mM/cC = history_size M with strong Wolfe c2 = C, beta 'hs')")
+    variants = {
+        f"m{size}/c{c2:g}": {"history_size": size, "c2": c2} for size in HISTORY_SIZES for c2 in (0.1, 0.9)
+    }
+    legend = "(* = stopped above gtol; mM/cC = history_size M with strong Wolfe c2 = C, beta 'hs')"
+    _print_variant_table(problems, gtol, variants, width=8, legend=legend)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,18 @@ def spd_matrix(size: int, seed: int) -> torch.Tensor:
     return matrix @ matrix.T / size + 0.1 * torch.eye(size, dtype=FLOAT64)
 
 
+def objective_closure(optimizer: ConjugateGradient, objective: Any, x: torch.Tensor) -> Any:
+    """Return the closure that clears the gradients, evaluates ``objective(x)`` and backpropagates."""
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = objective(x)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def gradient_at(objective: Any, point: torch.Tensor) -> torch.Tensor:
     """Return the gradient of ``objective`` at a copy of ``point``, independent of the optimizer."""
     copy = point.detach().clone().requires_grad_(True)
@@ -156,11 +168,7 @@ def test_directions_match_dense_bfgs(beta: str) -> None:
     # Powell's test is off so that beta is used on most iterations instead of restarting.
     optimizer = ConjugateGradient([x], max_iter=1, history_size=memory, powell_threshold=None, beta=beta)
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = rosenbrock(x)
-        loss.backward()
-        return loss
+    closure = objective_closure(optimizer, rosenbrock, x)
 
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     previous_inverse = torch.eye(size, dtype=FLOAT64)
@@ -252,11 +260,7 @@ def test_skipped_pair_keeps_older_pairs() -> None:
     x = torch.full((size,), 0.1, dtype=FLOAT64, requires_grad=True)
     optimizer = ConjugateGradient([x], max_iter=1, history_size=3)
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = objective(x)
-        loss.backward()
-        return loss
+    closure = objective_closure(optimizer, objective, x)
 
     for _ in range(3):
         optimizer.step(closure)
@@ -383,11 +387,7 @@ def test_removing_preconditioner_keeps_history() -> None:
     x = torch.full((6,), -1.2, dtype=FLOAT64, requires_grad=True)
     optimizer = ConjugateGradient([x], max_iter=1, history_size=3, powell_threshold=None)
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = rosenbrock(x)
-        loss.backward()
-        return loss
+    closure = objective_closure(optimizer, rosenbrock, x)
 
     for _ in range(4):
         optimizer.step(closure)

@@ -367,6 +367,8 @@ class ConjugateGradient(Optimizer):
         max_iter: maximum iterations (line searches) per ``step`` call.
         max_eval: maximum closure evaluations per ``step`` call. Default
             ``max(max_iter * 5 // 4, 1 + 20)``, so one full line search fits.
+            NOTE: a smaller value can cut every search short. The step then restores its start
+            point, and the next step repeats the same search without progress or a warning.
         tolerance_grad: stop when :math:`\max_i |g_i| \le` ``tolerance_grad``.
         tolerance_change: stop when the last accepted move :math:`\max_i |\alpha d_i|` or the loss
             change is below this value.

@@ -34,7 +34,7 @@ def _total_dot(left: list[Tensor], right: list[Tensor]) -> Tensor:
 
 
 class StepHistory:
-    """The last ``size`` step pairs of one optimizer, stored in its per-parameter and run state.
+    """Ring buffer of the last ``size`` step pairs of one optimizer, kept in its per-parameter and run state.
 
     Args:
         params: the parameters, in the optimizer's order.
